@@ -1,0 +1,31 @@
+# The two commands: `make demo` (the whole pipeline on the built-in data, offline, on a CPU)
+# and `make test` (the test suite). Both create .venv first when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline \
+	NO_ALBUMENTATIONS_UPDATE=1 TOKENIZERS_PARALLELISM=false
+DEMO_DIR ?= demo_out
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+# Re-install only when a requirements file changed (or the venv is missing).
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(OFFLINE) $(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(OFFLINE) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(DEMO_DIR)
+
+bench: $(STAMP)
+	$(OFFLINE) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/bench.sh
+
+clean:
+	rm -rf $(DEMO_DIR) bench_out .pytest_cache

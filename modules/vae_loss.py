@@ -1,0 +1,282 @@
+"""The stage-1 autoencoder objective: reconstruction + LPIPS + KL/codebook + delayed, adaptive GAN.
+
+Following taming-transformers (Esser et al., 2021, Eq. 7) and latent diffusion (Rombach et al.,
+2022, App. G), the autoencoder (the "generator") minimises
+
+    L_G = L_rec + w_lpips * LPIPS(x, x_hat) + w_kl * KL  (or + w_codebook * L_vq)
+          + [step >= disc_start] * disc_weight * lambda * L_gan(D(x_hat))
+
+    lambda = clamp(||grad_{W_last} L_nll|| / (||grad_{W_last} L_gan|| + eps), 0, max).detach()
+
+where L_nll = L_rec + w_lpips * LPIPS is the part lambda balances against, and W_last is the
+weight of the decoder's last layer: lambda scales the GAN gradient to the size of the
+reconstruction gradient where they meet. The PatchGAN discriminator D minimises (Lim & Ye 2017 /
+Goodfellow et al. 2014)
+
+    hinge:   0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat)))
+    vanilla: 0.5 * (mean softplus(-D(x)) + mean softplus(D(x_hat)))
+
+Conventions (named here because papers and repositories differ):
+- ``rec`` is the per-element mean of |x - x_hat| ("l1") or (x - x_hat)^2 ("l2").
+- ``lpips`` is the batch mean of the perceptual distance (inputs in [-1, 1]).
+- ``kl`` is KL(q(z|x) || N(0, I)) summed over all latent elements of a sample, then averaged
+  over the batch (the taming/LDM convention, which their ``kl_weight=1e-6`` is tuned for).
+- the generator GAN term is -mean D(x_hat) (hinge) or mean softplus(-D(x_hat)) (vanilla, the
+  non-saturating BCE-with-logits against "real").
+
+The GAN terms switch on at optimizer step ``disc_start``; before it the discriminator is not
+evaluated at all and :meth:`VAELoss.discriminator_loss` returns ``None`` so the trainer skips the
+discriminator step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Literal, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.errors import UserError
+
+PerceptualFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class VAELossConfig:
+    """Weights and switches of the stage-1 loss (keys of the ``training_args:`` YAML section).
+
+    reconstruction_loss: "l1" (mean |x - x_hat|) or "l2" (mean squared error).
+    lpips_weight:        weight of the mean LPIPS distance.
+    kl_weight:           weight of the KL term (KL autoencoder).
+    codebook_weight:     weight of the quantizer's loss (VQ autoencoder).
+    disc_start:          optimizer step from which the GAN terms are on (step >= disc_start).
+    disc_weight:         factor on the adaptively weighted generator GAN term; 0 disables the GAN.
+    disc_loss:           "hinge" or "vanilla" (softplus / BCE-with-logits).
+    use_adaptive_weight: balance the GAN gradient against the reconstruction gradient at the
+                         decoder's last layer (taming); False uses lambda = 1.
+    adaptive_weight_max: upper clamp of lambda.
+    adaptive_weight_eps: added to the GAN gradient norm in lambda's denominator.
+    """
+
+    reconstruction_loss: Literal["l1", "l2"] = "l1"
+    lpips_weight: float = 1.0
+    kl_weight: float = 1e-6
+    codebook_weight: float = 1.0
+    disc_start: int = 50001
+    disc_weight: float = 0.5
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"
+    use_adaptive_weight: bool = True
+    adaptive_weight_max: float = 1e4
+    adaptive_weight_eps: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.reconstruction_loss not in ("l1", "l2"):
+            raise UserError(f"reconstruction_loss must be 'l1' or 'l2', got {self.reconstruction_loss!r}")
+        if self.disc_loss not in ("hinge", "vanilla"):
+            raise UserError(f"disc_loss must be 'hinge' or 'vanilla', got {self.disc_loss!r}")
+        for name in ("lpips_weight", "kl_weight", "codebook_weight", "disc_weight", "adaptive_weight_max"):
+            value = getattr(self, name)
+            if not value >= 0:  # also rejects NaN
+                raise UserError(f"{name} must be >= 0, got {value}")
+        if self.disc_start < 0:
+            raise UserError(f"disc_start must be >= 0, got {self.disc_start}")
+        if not self.adaptive_weight_eps > 0:
+            raise UserError(f"adaptive_weight_eps must be > 0, got {self.adaptive_weight_eps}")
+
+
+def adaptive_gan_weight(
+    rec_loss: torch.Tensor,
+    g_loss: torch.Tensor,
+    last_layer_weight: torch.Tensor,
+    max_value: float,
+    eps: float,
+) -> torch.Tensor:
+    """Taming's adaptive GAN weight: ||grad_W rec_loss|| / (||grad_W g_loss|| + eps), clamped.
+
+    rec_loss, g_loss: scalar losses whose graphs both reach ``last_layer_weight`` (the weight of
+    the decoder's last layer). The graphs are retained for the real backward pass. Returns a
+    detached 0-dim tensor in [0, max_value].
+    """
+    rec_grad = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)[0]
+    weight = torch.linalg.vector_norm(rec_grad) / (torch.linalg.vector_norm(gan_grad) + eps)
+    return weight.clamp(0.0, max_value).detach()
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))) (Lim & Ye, 2017)."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """0.5 * (BCE(D(x), real) + BCE(D(x_hat), fake)) written with softplus (Goodfellow et al., 2014)."""
+    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+
+class VAELoss(nn.Module):
+    """Stage-1 loss: :meth:`generator_loss` for the autoencoder step, :meth:`discriminator_loss` for D's.
+
+    perceptual: a callable (x0, x1) -> per-sample distances (B,) (or (B, 1, 1, 1), as the ``lpips``
+    package returns) on images in [-1, 1], e.g. :class:`modules.lpips.LPIPS`. Its gradient flows
+    back to the reconstruction (it is never run under ``no_grad``); when it is an ``nn.Module``
+    it is registered here, frozen (``requires_grad_(False)``) and kept in eval mode even when
+    ``VAELoss.train()`` is called, so its dropout never fires. It may be None only when
+    ``config.lpips_weight == 0``.
+
+    The discriminator is passed to each call rather than owned, so the trainer keeps it, its
+    optimizer and its DDP wrapper.
+    """
+
+    def __init__(self, config: VAELossConfig, perceptual: Optional[PerceptualFn]) -> None:
+        super().__init__()
+        if perceptual is None and config.lpips_weight > 0:
+            raise ValueError(f"lpips_weight is {config.lpips_weight} but no perceptual network was given")
+        self.config = config
+        if isinstance(perceptual, nn.Module):
+            perceptual.eval().requires_grad_(False)
+        self.perceptual = perceptual
+
+    def train(self, mode: bool = True) -> "VAELoss":
+        super().train(mode)
+        if isinstance(self.perceptual, nn.Module):
+            self.perceptual.eval()
+        return self
+
+    def gan_active(self, step: int) -> bool:
+        """Whether the GAN terms (and the discriminator step) are on at optimizer step ``step``."""
+        return step >= self.config.disc_start and self.config.disc_weight > 0
+
+    def _gan_generator_loss(self, logits_fake: torch.Tensor) -> torch.Tensor:
+        if self.config.disc_loss == "hinge":
+            return -logits_fake.mean()
+        return F.softplus(-logits_fake).mean()
+
+    def generator_loss(
+        self,
+        inputs: torch.Tensor,
+        recon: torch.Tensor,
+        posterior_or_vq_loss: Union[object, torch.Tensor],
+        step: int,
+        discriminator: Optional[nn.Module],
+        last_layer_weight: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """The autoencoder's loss for one batch.
+
+        inputs, recon: (B, C, H, W) images in [-1, 1]; ``recon`` carries the autoencoder's graph.
+        posterior_or_vq_loss: for a KL autoencoder the posterior, whose ``kl()`` gives KL(q || N(0, I))
+            per sample as (B,) or per latent element as (B, ...) (summed over non-batch dims here);
+            for a VQ autoencoder the quantizer's scalar (0-dim) loss.
+        step: the optimizer step (switches the GAN term on at ``disc_start``).
+        discriminator: the PatchGAN (plain or DDP-wrapped); only run when the GAN is on. Its
+            parameters get no gradient from this loss (they are frozen during its forward), so
+            the trainer need not zero them before the discriminator step.
+        last_layer_weight: the decoder's last layer weight, for the adaptive weight.
+
+        Returns (loss, logs): ``loss`` a scalar with graph; ``logs`` detached floats: rec, lpips
+        (when lpips_weight > 0), kl or codebook, nll, and when the GAN is on g_loss,
+        adaptive_weight (lambda, before disc_weight); always total.
+        """
+        cfg = self.config
+        logs: Dict[str, float] = {}
+
+        if cfg.reconstruction_loss == "l1":
+            rec = (inputs - recon).abs().mean()
+        else:
+            rec = (inputs - recon).pow(2).mean()
+        logs["rec"] = rec.item()
+        nll = rec
+        if cfg.lpips_weight > 0:
+            perceptual = self.perceptual(inputs, recon).mean()
+            logs["lpips"] = perceptual.item()
+            nll = nll + cfg.lpips_weight * perceptual
+        logs["nll"] = nll.item()
+
+        if isinstance(posterior_or_vq_loss, torch.Tensor):
+            if posterior_or_vq_loss.dim() != 0:
+                raise ValueError(
+                    "a tensor regularizer must be the VQ quantizer's scalar loss, got shape "
+                    f"{tuple(posterior_or_vq_loss.shape)}; pass the posterior itself for a KL autoencoder"
+                )
+            logs["codebook"] = posterior_or_vq_loss.item()
+            regularizer = cfg.codebook_weight * posterior_or_vq_loss
+        elif callable(getattr(posterior_or_vq_loss, "kl", None)):
+            kl = posterior_or_vq_loss.kl()
+            kl = kl.reshape(kl.shape[0], -1).sum(dim=1).mean()  # sum over latent elements, mean over batch
+            logs["kl"] = kl.item()
+            regularizer = cfg.kl_weight * kl
+        else:
+            raise TypeError(
+                "posterior_or_vq_loss must be a posterior with .kl() or a 0-dim VQ loss tensor, got "
+                f"{type(posterior_or_vq_loss).__name__}"
+            )
+        total = nll + regularizer
+
+        if self.gan_active(step):
+            if discriminator is None:
+                raise ValueError(f"step {step} >= disc_start {cfg.disc_start} but no discriminator was given")
+            g_loss = self._gan_generator_loss(_frozen_forward(discriminator, recon))
+            if not cfg.use_adaptive_weight:
+                adaptive = torch.ones((), device=g_loss.device, dtype=g_loss.dtype)
+            elif torch.is_grad_enabled() and nll.requires_grad:
+                if last_layer_weight is None:
+                    raise ValueError("use_adaptive_weight needs the decoder's last_layer_weight")
+                adaptive = adaptive_gan_weight(
+                    nll, g_loss, last_layer_weight, cfg.adaptive_weight_max, cfg.adaptive_weight_eps
+                )
+            else:
+                # Without a graph (evaluation under no_grad) lambda cannot be measured; as in
+                # taming the GAN term is then left out of the total but still logged.
+                adaptive = torch.zeros((), device=g_loss.device, dtype=g_loss.dtype)
+            logs["g_loss"] = g_loss.item()
+            logs["adaptive_weight"] = adaptive.item()
+            total = total + cfg.disc_weight * adaptive * g_loss
+
+        logs["total"] = total.item()
+        return total, logs
+
+    def discriminator_loss(
+        self,
+        inputs: torch.Tensor,
+        recon_detached: torch.Tensor,
+        step: int,
+        discriminator: nn.Module,
+    ) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+        """The discriminator's loss for one batch, or (None, {}) before ``disc_start``.
+
+        inputs, recon_detached: (B, C, H, W) real and reconstructed images in [-1, 1]. The
+        reconstruction is detached here as well, so this loss never reaches the autoencoder.
+        Real and fake go through D in separate calls (separate BatchNorm statistics, as taming).
+        Returns (loss, logs) with logs d_loss, logits_real, logits_fake (mean logits).
+        """
+        if not self.gan_active(step):
+            return None, {}
+        logits_real = discriminator(inputs.detach())
+        logits_fake = discriminator(recon_detached.detach())
+        if self.config.disc_loss == "hinge":
+            loss = hinge_d_loss(logits_real, logits_fake)
+        else:
+            loss = vanilla_d_loss(logits_real, logits_fake)
+        logs = {
+            "d_loss": loss.item(),
+            "logits_real": logits_real.detach().mean().item(),
+            "logits_fake": logits_fake.detach().mean().item(),
+        }
+        return loss, logs
+
+
+def _frozen_forward(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """module(inputs) with the module's parameters frozen, so gradients reach only ``inputs``.
+
+    Freezing (and restoring the flags afterwards) keeps the generator's backward from writing
+    stale gradients into the discriminator, without the trainer having to zero them.
+    """
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        return module(inputs)
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)

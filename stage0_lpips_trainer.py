@@ -1,0 +1,335 @@
+"""Stage 0: train our own LPIPS perceptual metric on BAPPS (2AFC) and evaluate it.
+
+The trunk (VGG16, AlexNet or SqueezeNet) is tapped at the LPIPS layers; 1x1 linear heads weigh
+the unit-normalised feature differences (Zhang et al., "The Unreasonable Effectiveness of Deep
+Features as a Perceptual Metric", CVPR 2018). A small ranking head maps the two distances
+(ref<->p0, ref<->p1) to the probability that humans preferred p1, trained with BCE against the
+human judgement. Adam (betas 0.5/0.999), ``--num_epochs`` at ``--initial_lr`` then
+``--decay_epochs`` of linear decay to 0; the head weights are clamped to >= 0 after every step.
+
+Usage (the tutorial's command):
+
+    accelerate launch stage0_lpips_trainer.py --path_to_root <BAPPS> --work_dir <WORK> \\
+      --checkpoint_name "lpips_64x64_vgg.pt" --img_size 64 --batch_size 25 --num_workers 32 \\
+      --num_epochs 10 --decay_epochs 5 --logging_steps 250 --pretrained_backbone --use_dropout \\
+      --img_range minus_one_to_one --middle_channels 32 --eval_lpips_pkg --mixed_precision
+
+Reads ``<BAPPS>/2afc/{train,val}/<category>/{ref,p0,p1,judge}`` (and ``jnd/val`` when present).
+Writes ``<WORK>/<experiment_name>/checkpoint_<step>/`` (resumable), ``metrics.jsonl``,
+``loss_curve.png``, ``eval_results.json``, and the final metric as ``<WORK>/<checkpoint_name>``
+(torch) plus ``<WORK>/<stem>.safetensors`` (what stage 1's ``lpips_checkpoint`` loads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from modules.bapps import JNDDataset, TwoAFCDataset, available_categories
+from modules.cli import run_main
+from modules.errors import UserError
+from modules.lpips import LPIPS, RankingHead, load_lpips_export, ranking_loss, save_lpips_export, two_afc_score
+from modules.metrics_jnd import jnd_average_precision
+from modules.training import (
+    CheckpointManager,
+    MetricsLogger,
+    TrainerState,
+    add_common_training_args,
+    build_accelerator,
+    build_dataloader,
+    build_lr_scheduler,
+    describe_run,
+    gather_mean,
+    positive_int,
+    progress_bar,
+    seed_per_process,
+    write_resolved_config,
+)
+
+logger = logging.getLogger("ldm")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--path_to_root", required=True, help="BAPPS folder holding 2afc/ (and optionally jnd/)")
+    data.add_argument("--img_size", type=positive_int, default=64, help="images are resized to this side")
+    data.add_argument("--img_range", choices=("minus_one_to_one", "zero_to_one"), default="minus_one_to_one",
+                      help="pixel range the loader produces (the metric always sees [-1, 1])")
+    data.add_argument("--num_workers", type=int, default=4, help="data-loader worker processes per GPU")
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", choices=("vgg", "alex", "squeeze"), default="vgg")
+    model.add_argument("--pretrained_backbone", action=argparse.BooleanOptionalAction, default=False,
+                       help="start the trunk from torchvision's ImageNet weights (cache or download)")
+    model.add_argument("--train_backbone", action="store_true",
+                       help="also train the trunk ('tune'; with --no-pretrained_backbone: 'scratch')")
+    model.add_argument("--use_dropout", action=argparse.BooleanOptionalAction, default=False,
+                       help="dropout before the linear heads")
+    model.add_argument("--middle_channels", type=positive_int, default=32, help="width of the ranking head")
+    model.add_argument("--init_from_lpips_pkg", action="store_true",
+                       help="start the linear heads from the lpips package's shipped v0.1 weights")
+    train = parser.add_argument_group("training")
+    train.add_argument("--work_dir", required=True, help="where checkpoints and the final metric go")
+    train.add_argument("--experiment_name", default="LPIPSTrainer", help="run folder inside --work_dir")
+    train.add_argument("--checkpoint_name", default="lpips.pt", help="file name of the final metric in --work_dir")
+    train.add_argument("--batch_size", type=positive_int, default=50, help="triplets per process per step")
+    train.add_argument("--eval_batch_size", type=positive_int, default=None, help="default: --batch_size")
+    train.add_argument("--num_epochs", type=int, default=5, help="epochs at the initial learning rate")
+    train.add_argument("--decay_epochs", type=int, default=5, help="epochs of linear decay to 0 afterwards")
+    train.add_argument("--initial_lr", type=float, default=1e-4)
+    train.add_argument("--logging_steps", type=positive_int, default=100, help="log gathered means every N steps")
+    train.add_argument("--mixed_precision", nargs="?", const="auto", default="no",
+                       choices=("no", "fp16", "bf16", "auto"),
+                       help="autocast; a bare flag means bf16 where supported (fp16 on older GPUs; bf16 on a CPU)")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--evaluation_only", action="store_true",
+                            help="evaluate <work_dir>/<checkpoint_name> and stop (no training)")
+    evaluation.add_argument("--eval_lpips_pkg", action="store_true",
+                            help="also evaluate the lpips package's pretrained metric, side by side")
+    add_common_training_args(parser, with_overrides=False)
+    args = parser.parse_args(argv)
+    if args.num_epochs < 0 or args.decay_epochs < 0 or args.num_epochs + args.decay_epochs < 1:
+        parser.error("--num_epochs and --decay_epochs must be >= 0 and add up to at least 1")
+    if args.initial_lr <= 0:
+        parser.error(f"--initial_lr must be > 0, got {args.initial_lr}")
+    return args
+
+
+def to_minus_one_one(x: torch.Tensor, img_range: str) -> torch.Tensor:
+    """The metric takes [-1, 1]; a zero_to_one loader's images are mapped there."""
+    return x * 2.0 - 1.0 if img_range == "zero_to_one" else x
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(accelerator, metrics: Dict[str, torch.nn.Module], args) -> Dict[str, Dict[str, float]]:
+    """2AFC score per val category (and JND mAP) for each named metric; gathered over processes.
+
+    ``metrics`` maps a column name to a callable (x0, x1) -> (B,) distance on [-1, 1] images.
+    Returns {category: {metric name: score}}.
+    """
+    root = Path(args.path_to_root)
+    batch_size = args.eval_batch_size or args.batch_size
+    results: Dict[str, Dict[str, float]] = {}
+    for category in available_categories(root, "2afc", "val"):
+        dataset = TwoAFCDataset(root, "val", categories=[category], img_size=args.img_size, img_range=args.img_range)
+        loader = accelerator.prepare(build_dataloader(dataset, batch_size, shuffle=False, num_workers=args.num_workers,
+                                                      drop_last=False, seed=args.seed))
+        scores: Dict[str, List[torch.Tensor]] = {name: [] for name in metrics}
+        for batch in progress_bar(accelerator, len(loader), desc=f"eval 2afc/{category}"):
+            ref, p0, p1 = (to_minus_one_one(batch[k], args.img_range) for k in ("ref", "p0", "p1"))
+            for name, metric in metrics.items():
+                with accelerator.autocast():
+                    d0, d1 = metric(ref, p0).float(), metric(ref, p1).float()
+                score = two_afc_score(d0, d1, batch["judge"].float())
+                scores[name].append(accelerator.gather_for_metrics(score))
+        results[category] = {name: torch.cat(values).mean().item() for name, values in scores.items()}
+
+    for category in available_categories(root, "jnd", "val"):
+        dataset = JNDDataset(root, "val", categories=[category], img_size=args.img_size, img_range=args.img_range)
+        loader = accelerator.prepare(build_dataloader(dataset, batch_size, shuffle=False, num_workers=args.num_workers,
+                                                      drop_last=False, seed=args.seed))
+        distances: Dict[str, List[torch.Tensor]] = {name: [] for name in metrics}
+        same: List[torch.Tensor] = []
+        for batch in progress_bar(accelerator, len(loader), desc=f"eval jnd/{category}"):
+            p0, p1 = (to_minus_one_one(batch[k], args.img_range) for k in ("p0", "p1"))
+            for name, metric in metrics.items():
+                with accelerator.autocast():
+                    distances[name].append(accelerator.gather_for_metrics(metric(p0, p1).float().flatten()))
+            same.append(accelerator.gather_for_metrics(batch["same"].float().flatten()))
+        same_all = torch.cat(same)
+        results[f"jnd/{category}"] = {name: jnd_average_precision(torch.cat(d), same_all) for name, d in distances.items()}
+    return results
+
+
+def format_results(results: Dict[str, Dict[str, float]]) -> str:
+    """A table: one row per category (2AFC score, or JND mAP), one column per metric, and means."""
+    if not results:
+        return "no evaluation data found"
+    names = list(next(iter(results.values())))
+    width = max(12, *(len(c) for c in results))
+    lines = [f"{'category':<{width}} " + " ".join(f"{n:>12}" for n in names)]
+    afc = {c: r for c, r in results.items() if not c.startswith("jnd/")}
+    jnd = {c: r for c, r in results.items() if c.startswith("jnd/")}
+    for group, label in ((afc, "2afc mean"), (jnd, "jnd mAP mean")):
+        for category, row in group.items():
+            lines.append(f"{category:<{width}} " + " ".join(f"{row[n]:>12.4f}" for n in names))
+        if group:
+            means = {n: sum(r[n] for r in group.values()) / len(group) for n in names}
+            lines.append(f"{label:<{width}} " + " ".join(f"{means[n]:>12.4f}" for n in names))
+    return "\n".join(lines)
+
+
+def l2_distance(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """The plain pixel baseline: mean squared difference per image, (B,)."""
+    return (x0.float() - x1.float()).square().mean(dim=(1, 2, 3))
+
+
+def lpips_package_metric(backbone: str, device: torch.device) -> Optional[torch.nn.Module]:
+    """The lpips package's pretrained metric, or None (with one line saying why) when unavailable."""
+    try:
+        import lpips  # noqa: F401  (a dev/peer dependency)
+    except ImportError:
+        logger.warning("--eval_lpips_pkg: the lpips package is not installed (pip install lpips); skipping its column")
+        return None
+    try:
+        package_metric = lpips.LPIPS(net=backbone, pretrained=True, verbose=False)
+    except Exception as err:  # no cached torchvision trunk and no network, typically
+        logger.warning("--eval_lpips_pkg: the lpips package's pretrained %s trunk is not available (%s); skipping its column",
+                       backbone, str(err).splitlines()[0][:160])
+        return None
+    return package_metric.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
+    args = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args.seed = 0 if args.seed is None else args.seed
+    work_dir = Path(args.work_dir)
+    run_dir = work_dir / args.experiment_name
+    final_path = work_dir / args.checkpoint_name
+
+    # -- accelerator ------------------------------------------------------------------
+    accelerator = build_accelerator(args.mixed_precision, 1, args.seed, bool(args.log_wandb), run_dir)
+
+    # -- data (validated before any model is built: bad trees fail fast) ----------------
+    root = Path(args.path_to_root)
+    if not args.evaluation_only:
+        train_set = TwoAFCDataset(root, "train", img_size=args.img_size, img_range=args.img_range)
+    else:
+        TwoAFCDataset(root, "val", img_size=args.img_size, img_range=args.img_range)  # validates the tree
+
+    # -- models -------------------------------------------------------------------------
+    if args.evaluation_only:
+        metric, _ = load_lpips_export(final_path)
+        metric = metric.to(accelerator.device).eval()
+        columns = {"ours": metric, "l2": l2_distance}
+        if args.eval_lpips_pkg:
+            package_metric = lpips_package_metric(args.backbone, accelerator.device)
+            if package_metric is not None:
+                columns["lpips_pkg"] = package_metric
+        results = evaluate(accelerator, columns, args)
+        if accelerator.is_main_process:
+            print(format_results(results))
+        return results
+
+    metric = LPIPS(backbone=args.backbone, pretrained_backbone=args.pretrained_backbone, use_dropout=args.use_dropout,
+                   train_backbone=args.train_backbone)
+    if args.init_from_lpips_pkg:
+        metric.load_lpips_package_linear_weights()
+    head = RankingHead(middle_channels=args.middle_channels)
+    parameters = list(metric.trainable_parameters()) + list(head.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=args.initial_lr, betas=(0.5, 0.999))
+
+    loader = build_dataloader(train_set, args.batch_size, shuffle=True, num_workers=args.num_workers, drop_last=True,
+                              seed=args.seed)
+    metric, head, optimizer, loader = accelerator.prepare(metric, head, optimizer, loader)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise UserError(f"{root}/2afc/train: {len(train_set)} triplets give no full batch of --batch_size "
+                        f"{args.batch_size} on {accelerator.num_processes} process(es); lower --batch_size")
+    total_epochs = args.num_epochs + args.decay_epochs
+    total_steps = total_epochs * steps_per_epoch
+    # Full LR for num_epochs, then linear decay to 0 over decay_epochs (the paper's schedule).
+    scheduler = build_lr_scheduler(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, "linear",
+                                   warmup_steps=0, total_steps=total_steps,
+                                   hold_steps=args.num_epochs * steps_per_epoch)
+    accelerator.register_for_checkpointing(scheduler)
+
+    # -- resume -------------------------------------------------------------------------
+    checkpoints = CheckpointManager(accelerator, run_dir, total_limit=None)
+    if args.resume_from_checkpoint is None:
+        checkpoints.check_fresh_start()
+    state = checkpoints.resume(args.resume_from_checkpoint)
+    run_config = {k: v for k, v in vars(args).items()}
+    write_resolved_config(accelerator, run_dir, run_config)
+    metrics_log = MetricsLogger(accelerator, run_dir, bool(args.log_wandb), "LPIPSTrainer", None, run_config)
+    metrics_log.truncate_after(state.step)
+    seed_per_process(accelerator, args.seed + state.step)
+
+    # -- loop ---------------------------------------------------------------------------
+    logger.info("training %s LPIPS on %d triplets: %d epochs x %d steps, %d process(es)", args.backbone, len(train_set),
+                total_epochs, steps_per_epoch, accelerator.num_processes)
+    bar = progress_bar(accelerator, total_steps, initial=state.step, desc="stage0")
+    window: Dict[str, List[float]] = {"loss": [], "accuracy": []}
+    steps_this_run = 0
+    stop = False
+    from accelerate import skip_first_batches
+
+    while state.epoch < total_epochs and not stop:
+        metric.train()
+        head.train()
+        loader.set_epoch(state.epoch)
+        batches = skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        for batch in batches:
+            ref, p0, p1 = (to_minus_one_one(batch[k], args.img_range) for k in ("ref", "p0", "p1"))
+            with accelerator.autocast():
+                d0, d1 = metric(ref, p0), metric(ref, p1)
+            loss, logs = ranking_loss(accelerator.unwrap_model(head), d0, d1, batch["judge"])
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            accelerator.unwrap_model(metric).clamp_linear_weights_()
+            state.step += 1
+            state.batch_in_epoch += 1
+            steps_this_run += 1
+            for key in window:
+                window[key].append(float(logs[key]))
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss'].item():.4f}", epoch=state.epoch)
+            if state.step % args.logging_steps == 0:
+                means = gather_mean(accelerator, {k: sum(v) / len(v) for k, v in window.items()})
+                means["lr"] = scheduler.get_last_lr()[0]
+                metrics_log.log(means, state.step)
+                window = {k: [] for k in window}
+            if args.stop_after_steps and steps_this_run >= args.stop_after_steps and state.step < total_steps:
+                stop = True
+                break
+        if not stop:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+        checkpoints.save(state)  # every epoch end, and where a run is stopped
+    bar.close()
+    if stop:
+        logger.info("stopped after %d steps (--stop_after_steps); continue with --resume_from_checkpoint latest",
+                    steps_this_run)
+        metrics_log.finish()
+        return {}
+
+    # -- evaluate and export --------------------------------------------------------------
+    plain_metric = accelerator.unwrap_model(metric).eval()
+    columns = {"ours": plain_metric, "l2": l2_distance}
+    if args.eval_lpips_pkg:
+        package_metric = lpips_package_metric(args.backbone, accelerator.device)
+        if package_metric is not None:
+            columns["lpips_pkg"] = package_metric
+    results = evaluate(accelerator, columns, args)
+    if accelerator.is_main_process:
+        table = format_results(results)
+        print(table)
+        (run_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+        save_lpips_export(plain_metric, final_path, ranking_head=accelerator.unwrap_model(head),
+                          metadata={"producer": describe_run("stage0_lpips_trainer.py", argv), "step": state.step,
+                                    "eval": results})
+        logger.info("wrote %s and %s", final_path, final_path.with_suffix(".safetensors"))
+        metrics_log.plot(["loss", "accuracy", "lr"])
+    metrics_log.finish()
+    accelerator.wait_for_everyone()
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main)
