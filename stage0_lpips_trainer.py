@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -33,8 +34,15 @@ import torch
 from modules.bapps import JNDDataset, TwoAFCDataset, available_categories
 from modules.cli import run_main
 from modules.errors import UserError
-from modules.lpips import LPIPS, RankingHead, load_lpips_export, ranking_loss, save_lpips_export, two_afc_score
-from modules.metrics_jnd import jnd_average_precision
+from modules.lpips import (
+    LPIPS,
+    RankingHead,
+    jnd_average_precision,
+    load_lpips_export,
+    ranking_loss,
+    save_lpips_export,
+    two_afc_score,
+)
 from modules.training import (
     CheckpointManager,
     MetricsLogger,
@@ -124,7 +132,7 @@ def evaluate(accelerator, metrics: Dict[str, torch.nn.Module], args) -> Dict[str
         loader = accelerator.prepare(build_dataloader(dataset, batch_size, shuffle=False, num_workers=args.num_workers,
                                                       drop_last=False, seed=args.seed))
         scores: Dict[str, List[torch.Tensor]] = {name: [] for name in metrics}
-        for batch in progress_bar(accelerator, len(loader), desc=f"eval 2afc/{category}"):
+        for batch in progress_bar(accelerator, len(loader), desc=f"eval 2afc/{category}", iterable=loader):
             ref, p0, p1 = (to_minus_one_one(batch[k], args.img_range) for k in ("ref", "p0", "p1"))
             for name, metric in metrics.items():
                 with accelerator.autocast():
@@ -139,7 +147,7 @@ def evaluate(accelerator, metrics: Dict[str, torch.nn.Module], args) -> Dict[str
                                                       drop_last=False, seed=args.seed))
         distances: Dict[str, List[torch.Tensor]] = {name: [] for name in metrics}
         same: List[torch.Tensor] = []
-        for batch in progress_bar(accelerator, len(loader), desc=f"eval jnd/{category}"):
+        for batch in progress_bar(accelerator, len(loader), desc=f"eval jnd/{category}", iterable=loader):
             p0, p1 = (to_minus_one_one(batch[k], args.img_range) for k in ("p0", "p1"))
             for name, metric in metrics.items():
                 with accelerator.autocast():
@@ -181,7 +189,9 @@ def lpips_package_metric(backbone: str, device: torch.device) -> Optional[torch.
         logger.warning("--eval_lpips_pkg: the lpips package is not installed (pip install lpips); skipping its column")
         return None
     try:
-        package_metric = lpips.LPIPS(net=backbone, pretrained=True, verbose=False)
+        with warnings.catch_warnings():  # the package calls torchvision's deprecated `pretrained=`
+            warnings.simplefilter("ignore")
+            package_metric = lpips.LPIPS(net=backbone, pretrained=True, verbose=False)
     except Exception as err:  # no cached torchvision trunk and no network, typically
         logger.warning("--eval_lpips_pkg: the lpips package's pretrained %s trunk is not available (%s); skipping its column",
                        backbone, str(err).splitlines()[0][:160])
@@ -289,7 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
             for key in window:
                 window[key].append(float(logs[key]))
             bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss'].item():.4f}", epoch=state.epoch)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", epoch=state.epoch)
             if state.step % args.logging_steps == 0:
                 means = gather_mean(accelerator, {k: sum(v) / len(v) for k, v in window.items()})
                 means["lr"] = scheduler.get_last_lr()[0]

@@ -32,7 +32,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--img_size", type=int, default=64, help="square image side in pixels")
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     parser.add_argument("--iters", type=int, default=10, help="timed calls per repeat")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best one counts")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the best one counts")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     parser.add_argument("--no-channels_last", dest="channels_last", action="store_false",
                         help="run our trunk in the default (NCHW) memory format")

@@ -121,7 +121,8 @@ class VAEConfig:
             raise bad("vae_channels_per_block", "a non-empty list of channel counts")
         for c in self.vae_channels_per_block:
             if c < 1 or c % self.norm_num_groups != 0:
-                raise bad("vae_channels_per_block", f"positive channel counts divisible by norm_num_groups={self.norm_num_groups}")
+                raise bad("vae_channels_per_block",
+                          f"positive channel counts divisible by norm_num_groups={self.norm_num_groups}")
         if self.vae_up_down_kernel_size < self.vae_up_down_factor:
             raise bad("vae_up_down_kernel_size", f">= vae_up_down_factor ({self.vae_up_down_factor})")
         if self.img_size % self.downsample_factor != 0:
@@ -654,7 +655,10 @@ def export_diffusers_vae(model: AutoencoderKL, path: str | Path, scaling_factor:
     ]
     for key, ok, expected in checks:
         if not ok:
-            raise UserError(f"{path}: vae.{key}={getattr(cfg, key)!r} cannot be expressed as a diffusers AutoencoderKL (needs {expected})")
+            raise UserError(
+                f"{path}: vae.{key}={getattr(cfg, key)!r} cannot be expressed as a diffusers AutoencoderKL "
+                f"(needs {expected})"
+            )
     if scaling_factor is None:
         scaling_factor = model.scaling_factor if model.scaling_factor is not None else 1.0
     n = len(cfg.vae_channels_per_block)

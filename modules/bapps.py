@@ -102,6 +102,18 @@ def _check_img_args(img_size: int, img_range: str) -> None:
         raise UserError(f"img_size must be positive, got {img_size}")
 
 
+def available_categories(root: PathLike, subset: str, split: str) -> List[str]:
+    """Category folders present in ``root/<subset>/<split>/`` (the known ones first, in the paper's
+    order, then any others sorted); empty when that folder does not exist (e.g. no ``jnd/``)."""
+    split_dir = Path(root) / subset / split
+    if not split_dir.is_dir():
+        return []
+    present = {p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    known = TWOAFC_CATEGORIES if subset == "2afc" else JND_CATEGORIES
+    ordered = [c for c in known.get(split, ()) if c in present]
+    return ordered + sorted(present - set(ordered))
+
+
 class _BappsSplit(Dataset):
     """Shared indexing of ``root/<subset>/<split>/<category>/<role>/``: image roles + one fraction role."""
 
@@ -565,7 +577,7 @@ def write_synthetic_bapps(
                 probability = _sigmoid((jnd_threshold - d1) / jnd_temperature)
                 _save_rgba(ref, Path(files["p0"]))
             _save_rgba(p1, Path(files["p1"]))
-            value = float(rng.binomial(num_judges, probability)) / num_judges
+            value = float(np.float32(rng.binomial(num_judges, probability) / num_judges))  # as stored
             _save_fraction(value, Path(files["judge" if subset == "2afc" else "same"]))
             samples.append(
                 SyntheticSample(subset, split, category, index, (tuple(applied0), tuple(applied1)), distances,

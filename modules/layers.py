@@ -169,7 +169,9 @@ class Downsample(nn.Module):
     ) -> None:
         super().__init__()
         if factor < 1 or kernel_size < factor:
-            raise ValueError(f"Downsample needs 1 <= factor <= kernel_size, got factor={factor}, kernel_size={kernel_size}")
+            raise ValueError(
+                f"Downsample needs 1 <= factor <= kernel_size, got factor={factor}, kernel_size={kernel_size}"
+            )
         out_channels = channels if out_channels is None else out_channels
         self.channels = channels
         self.out_channels = out_channels
@@ -184,7 +186,8 @@ class Downsample(nn.Module):
                 padding = (kernel_size - factor) // 2
             else:
                 raise ValueError(
-                    f"symmetric Downsample cannot keep H/factor with even kernel_size={kernel_size} and factor={factor}; "
+                    f"symmetric Downsample cannot keep H/factor with even kernel_size={kernel_size} "
+                    f"and factor={factor}; "
                     "use an odd kernel or asymmetric_padding"
                 )
             self.pad = None
@@ -215,7 +218,8 @@ class Upsample(nn.Module):
         before, after = _same_padding(kernel_size)
         # Symmetric padding goes into the conv (cheaper); only uneven padding needs an explicit F.pad.
         self.pad = None if before == after else (before, after, before, after)
-        self.conv = nn.Conv2d(channels, out_channels, kernel_size=kernel_size, stride=1, padding=before if before == after else 0)
+        padding = before if before == after else 0
+        self.conv = nn.Conv2d(channels, out_channels, kernel_size=kernel_size, stride=1, padding=padding)
 
     def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
         if output_size is None:
@@ -252,7 +256,7 @@ def multihead_attention(
     q = q.view(b, lq, num_heads, hd).transpose(1, 2)  # (B, nh, Lq, hd)
     k = k.view(b, -1, num_heads, hd).transpose(1, 2)  # (B, nh, Lk, hd)
     v = v.view(b, -1, num_heads, hd).transpose(1, 2)  # (B, nh, Lk, hd)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)  # (B, nh, Lq, hd)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0)  # (B, nh, Lq, hd)
     return out.transpose(1, 2).reshape(b, lq, c)  # (B, Lq, C)
 
 

@@ -425,10 +425,11 @@ class LPIPS(nn.Module):
             raise UserError(f"unknown LPIPS config keys {unknown}; allowed: {sorted(types)}")
         for key, value in config.items():
             expected = types[key]
-            if isinstance(value, bool) and expected not in (bool,):
+            is_number = isinstance(value, (float, int)) and not isinstance(value, bool)
+            if (expected is str or expected is bool) and not isinstance(value, expected):
+                raise UserError(f"LPIPS config {key}={value!r}: expected a {expected.__name__}")
+            if isinstance(expected, tuple) and not is_number:
                 raise UserError(f"LPIPS config {key}={value!r}: expected a number")
-            if not isinstance(value, expected):
-                raise UserError(f"LPIPS config {key}={value!r}: expected {getattr(expected, '__name__', 'a number')}")
         kwargs = dict(config)
         if not load_pretrained_backbone:
             kwargs["pretrained_backbone"] = False
@@ -490,10 +491,103 @@ def ranking_loss(
 
     d0, d1: (B,) distances ref<->p0 and ref<->p1; judge: (B,) fraction preferring p1, in [0, 1].
     Computed from logits in float32 (autocast-safe; equals BCE of the sigmoid output).
-    Returns (loss, logs) with logs {"loss", "accuracy" (mean 2AFC score)} as detached 0-dim tensors.
+    Returns (loss, logs) with logs {"loss", "accuracy" (mean 2AFC score of d0, d1)} as Python floats.
     """
     judge = judge.flatten().float()
     logits = head.logits(d0.float(), d1.float())
     loss = F.binary_cross_entropy_with_logits(logits.float(), judge)
-    logs = {"loss": loss.detach(), "accuracy": two_afc_score(d0.detach(), d1.detach(), judge).mean()}
+    logs = {"loss": loss.item(), "accuracy": two_afc_score(d0.detach(), d1.detach(), judge).mean().item()}
     return loss, logs
+
+
+# --------------------------------------------------------------------------------------------
+# JND evaluation
+# --------------------------------------------------------------------------------------------
+def jnd_average_precision(distances: torch.Tensor, same: torch.Tensor) -> float:
+    """BAPPS JND score: average precision of ranking pairs by distance for "same" judgements.
+
+    Pairs sorted by increasing distance should list the ones humans called the same first.
+    ``same`` is the fraction of humans who judged each pair identical (a soft label), so true
+    and false positives accumulate fractions, as in the package's ``score_jnd_dataset``; AP is
+    the VOC area under the interpolated precision-recall curve. Unlike the reference code, the
+    distances are flattened first: its (N, 1, 1, 1) array is "sorted" along a length-1 axis,
+    which leaves the pairs in dataset order.
+    distances, same: (N,) (any shape is flattened). Returns a float in [0, 1].
+    """
+    d = distances.detach().flatten().double().cpu()
+    s = same.detach().flatten().double().cpu()
+    if d.numel() != s.numel() or d.numel() == 0:
+        raise ValueError(f"need as many distances as labels (> 0), got {d.numel()} and {s.numel()}")
+    order = torch.argsort(d, stable=True)
+    s_sorted = s[order]
+    tp = torch.cumsum(s_sorted, 0)
+    fp = torch.cumsum(1.0 - s_sorted, 0)
+    fn = s.sum() - tp
+    precision = tp / (tp + fp).clamp_min(1e-12)
+    recall = tp / (tp + fn).clamp_min(1e-12)
+    # VOC AP: precision made monotone from the right, integrated over the recall steps.
+    mrec = torch.cat([torch.zeros(1, dtype=torch.float64), recall, torch.ones(1, dtype=torch.float64)])
+    mpre = torch.cat([torch.zeros(1, dtype=torch.float64), precision, torch.zeros(1, dtype=torch.float64)])
+    mpre = torch.flip(torch.cummax(torch.flip(mpre, [0]), 0).values, [0])
+    steps = torch.nonzero(mrec[1:] != mrec[:-1]).flatten()
+    return float(((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# The trained metric on disk (stage 0 writes it, stage 1 reads it)
+# --------------------------------------------------------------------------------------------
+def save_lpips_export(metric: LPIPS, path: Path, ranking_head: Optional[RankingHead] = None,
+                      metadata: Optional[Mapping[str, Any]] = None) -> Tuple[Path, Path]:
+    """Write the trained metric twice: ``path`` (a torch file with config, weights, ranking head
+    and metadata) and ``path`` with suffix ``.safetensors`` (the metric alone, config in its
+    metadata), which is what stage 1's ``lpips_checkpoint`` usually names. Both hold every weight,
+    trunk included, so loading needs neither a cache nor a network."""
+    from modules.training import export_safetensors
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in metric.state_dict().items()}
+    payload = {
+        "config": metric.config(),
+        "state_dict": state,
+        "ranking_head": None if ranking_head is None else {k: v.detach().cpu() for k, v in ranking_head.state_dict().items()},
+        "metadata": dict(metadata or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    st_path = path.with_suffix(".safetensors")
+    export_safetensors(state, st_path, kind="lpips", metadata={"config": metric.config(), **dict(metadata or {})})
+    return path, st_path
+
+
+def load_lpips_export(path: Path) -> Tuple[LPIPS, Dict[str, Any]]:
+    """Rebuild a metric written by :func:`save_lpips_export` from either file.
+
+    Returns (metric in eval mode with every parameter frozen, metadata). A missing file, a file
+    of another kind or weights that do not fit the stored config are UserErrors naming the file.
+    """
+    from modules.training import read_export
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: LPIPS checkpoint not found (train one with stage0_lpips_trainer.py)")
+    if path.suffix == ".safetensors":
+        state, metadata = read_export(path, expected_kind="lpips")
+        config = metadata.get("config")
+    else:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+            raise UserError(f"{path}: not a readable LPIPS checkpoint ({str(err).splitlines()[0][:160]})") from None
+        if not isinstance(payload, dict) or "config" not in payload or "state_dict" not in payload:
+            raise UserError(f"{path}: not an LPIPS checkpoint written by stage0_lpips_trainer.py")
+        state, config, metadata = payload["state_dict"], payload["config"], dict(payload.get("metadata") or {})
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: no LPIPS config in the file's metadata")
+    metric = LPIPS.from_config(config)
+    result = metric.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(f"{path}: weights do not fit the stored LPIPS config "
+                        f"(missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]})")
+    return metric.eval().requires_grad_(False), metadata

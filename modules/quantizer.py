@@ -108,7 +108,11 @@ class VectorQuantizer(nn.Module):
 
         ``all_reduce_sum(t)`` must return the sum of ``t`` over processes; ``broadcast_from_main(t)``
         must return rank 0's ``t`` on every process. Both take and return tensors of equal shape.
+        A broadcast needs the reduce as well: only global counts make every rank restart the same
+        number of codes, so that the broadcast shapes agree.
         """
+        if broadcast_from_main is not None and all_reduce_sum is None:
+            raise ValueError("broadcast_from_main needs all_reduce_sum, or ranks may disagree on the dead codes")
         self._all_reduce_sum = all_reduce_sum
         self._broadcast_from_main = broadcast_from_main
 

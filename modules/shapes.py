@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import math
+import numbers
 import re
 import time
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ class ShapeSpec:
 
 
 def _check_seed(seed: int) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
         raise UserError(f"shapes seed must be a non-negative integer, got {seed!r}")
 
 
@@ -121,7 +122,7 @@ def sample_spec(seed: int, index: int, min_size: float = 0.3, max_size: float = 
     if not 0.0 < min_size <= max_size <= 1.0:
         raise UserError(f"shapes sizes need 0 < min_size <= max_size <= 1, got {min_size}, {max_size}")
     # One independent stream per (seed, index): random access and prefix-stable datasets.
-    rng = np.random.default_rng([seed, index])
+    rng = np.random.default_rng([int(seed), int(index)])
     shape = SHAPE_NAMES[int(rng.integers(len(SHAPE_NAMES)))]
     color_id = int(rng.integers(len(COLOR_NAMES)))
     # Draw among the 7 other colors, so the background never equals the shape color.

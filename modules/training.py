@@ -174,7 +174,7 @@ def build_dataloader(dataset, batch_size: int, shuffle: bool, num_workers: int, 
         num_workers=num_workers,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
+        persistent_workers=num_workers > 0,  # no re-spawn of many workers every epoch
         generator=generator,
         collate_fn=collate_fn,
     )
@@ -504,11 +504,11 @@ class MetricsLogger:
             self.accelerator.end_training()
 
 
-def progress_bar(accelerator, total: int, initial: int = 0, desc: str = "train"):
-    """A tqdm bar shown on the main process only."""
+def progress_bar(accelerator, total: int, initial: int = 0, desc: str = "train", iterable=None):
+    """A tqdm bar shown on the main process only (wrapping ``iterable`` when given)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not accelerator.is_local_main_process,
+    return tqdm(iterable, total=total, initial=initial, desc=desc, disable=not accelerator.is_local_main_process,
                 dynamic_ncols=True, leave=True)
 
 

@@ -19,9 +19,10 @@ Three conditionings, switched in :class:`UNetConfig`:
   extra index ``num_classes`` is the "null" class of classifier-free guidance (Ho & Salimans 2022);
 - none: the attention levels keep self-attention only.
 
-Same architecture, parameter count and numerics family as diffusers' ``UNet2DConditionModel``
-(``use_linear_projection=True``), but leaner: fused q/k/v and k/v projections, SDPA, no per-call
-processor dispatch. ``benchmarks/bench_unet.py`` compares one training step of the two.
+The architecture is exactly diffusers' ``UNet2DConditionModel`` with ``use_linear_projection=True``
+(same parameter count; tests/test_unet.py loads its weights and matches its output), written
+leaner: fused q/k/v and k/v projections, SDPA, no per-call processor dispatch or no-op rescaling.
+``benchmarks/bench_unet.py`` compares one training step of the two.
 """
 from __future__ import annotations
 
@@ -370,7 +371,14 @@ class SpatialTransformer(nn.Module):
             tokens = block(tokens, context, context_mask)  # (B, HW, C)
         tokens = self.proj_out(tokens)
         out = tokens.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W) with channels_last strides
+        if not _is_channels_last(x):
+            out = out.contiguous()  # keep x's layout: convolutions are slow on mixed layouts
         return x + out
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """True when a 4-D tensor is stored channels_last (and not also plain contiguous, as C=1 or H=W=1 is)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 # ----------------------------------------------------------------------------------------

@@ -31,6 +31,16 @@ from modules.quantizer import VectorQuantizer
 TOL = 1e-4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """One intra-op thread: these tensors are tiny, and on a busy 2-core machine OpenMP
+    thread hand-offs cost 50x the arithmetic. Restored afterwards for the other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def perturb_(module: torch.nn.Module, scale: float = 0.05) -> None:
     """Move every parameter off its default init, so norms/biases are exercised too."""
     with torch.no_grad():
@@ -113,7 +123,7 @@ def test_zero_module_and_resblock_identity_when_residual_zeroed():
 DIFFUSERS_CONFIGS = {
     # Stable Diffusion's 4-level layout at tiny widths
     "sd_4_level": dict(block_out_channels=(32, 64, 64, 64), layers_per_block=2, norm_num_groups=32,
-                       latent_channels=4, sample_size=32, scaling_factor=0.3),
+                       latent_channels=4, sample_size=16, scaling_factor=0.3),
     # 2 levels, no mid attention, no quant_conv, a different group count and latent width
     "two_level": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=3,
                       sample_size=16, mid_block_add_attention=False, use_quant_conv=False, scaling_factor=0.5),
@@ -175,7 +185,7 @@ def test_load_diffusers_vae_from_pipeline_folder_and_legacy_attention_names(tmp_
     assert any(".query." in k for k in legacy)
     save_file(legacy, str(f))
     ours = load_diffusers_vae(tmp_path / "pipe")
-    assert_same_vae(ours, ref, 32, 4)
+    assert_same_vae(ours, ref, 16, 4)
 
 
 def test_export_diffusers_vae_round_trip(tmp_path):
@@ -385,7 +395,7 @@ def test_vq_dead_code_restart_is_deterministic_and_uses_hooks():
     rows = z_e.reshape(2, 5).t()
     for k in (1, 2, 3):  # each restarted code is one of this batch's encoder outputs
         assert any(torch.equal(q.embedding.weight[k].detach(), r) for r in rows)
-    assert q.steps_since_used[1:].tolist() == [0, 0, 0] or q.steps_since_used.min() == 0
+    assert q.steps_since_used.max() <= 1  # restarted codes start counting afresh
     q_again, *_ = run(0, hooks=False)
     assert torch.equal(q.embedding.weight, q_again.embedding.weight)  # same seed, same restart
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import urllib.error
 import warnings
-from pathlib import Path
 
 import lpips as lpips_pkg
 import pytest
@@ -266,8 +265,8 @@ def test_ranking_head_matches_package_bce_ranking_loss():
     assert head(d0, d1).shape == (6,)
     assert torch.allclose(head(d0, d1), package_loss.logit.flatten(), atol=1e-6)
     assert abs(loss.item() - expected_loss.item()) < 1e-6
-    assert set(logs) == {"loss", "accuracy"} and not logs["loss"].requires_grad
-    assert torch.isclose(logs["accuracy"], two_afc_score(d0, d1, judge).mean())
+    assert set(logs) == {"loss", "accuracy"} and logs["loss"] == loss.item()
+    assert logs["accuracy"] == two_afc_score(d0, d1, judge).mean().item()
 
 
 def test_two_afc_score_values():
@@ -283,9 +282,9 @@ def test_ranking_head_learns_toy_judgements():
     d0, d1 = torch.rand(256), torch.rand(256)
     judge = torch.sigmoid((d0 - d1) / 0.1)  # humans prefer the closer image
     head = RankingHead()
-    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam(head.parameters(), lr=2e-2)
     first, _ = ranking_loss(head, d0, d1, judge)
-    for _ in range(150):
+    for _ in range(60):
         loss, _ = ranking_loss(head, d0, d1, judge)
         optimizer.zero_grad()
         loss.backward()

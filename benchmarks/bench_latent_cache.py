@@ -1,0 +1,140 @@
+"""Stage-2 training throughput with and without latent caching, side by side.
+
+Runs the real ``stage2_diffusion_trainer.py`` twice on the same small text-conditional setup
+(a captioned ``shapes`` image folder, a random-init VAE of the tutorial's 4-level layout, a
+small UNet, a tiny CLIP), once encoding every batch with the frozen VAE and once with
+``cache_latents: true``, and reads the trainer's own ``images_per_second`` (gathered, excluding
+checkpoints and sample grids) from ``metrics.jsonl``. The first logging window (warm-up) is
+dropped; the table gives the median of the rest, the one-off cache build time and the number of
+steps after which the cache has paid for itself.
+
+Usage:
+    python benchmarks/bench_latent_cache.py                       # CPU-sized defaults
+    python benchmarks/bench_latent_cache.py --img_size 256 --vae_channels 128,256,512,512 \\
+        --unet_channels 320,640,1280,1280 --batch_size 32 --steps 60 --num_images 2048   # on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--img_size", type=int, default=64)
+    p.add_argument("--vae_channels", default="32,64,128,128", help="vae_channels_per_block (4 levels: factor 8)")
+    p.add_argument("--unet_channels", default="32,64", help="unet_channels_per_block")
+    p.add_argument("--batch_size", type=int, default=8, help="per_gpu_batch_size")
+    p.add_argument("--steps", type=int, default=24, help="optimizer steps per run")
+    p.add_argument("--log_every", type=int, default=4, help="logging window (steps)")
+    p.add_argument("--num_images", type=int, default=256, help="images in the dataset (the cache encodes all)")
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--mixed_precision", default="no", choices=("no", "bf16", "fp16", "auto"))
+    p.add_argument("--work_dir", default=None, help="keep the runs here (default: a temporary folder)")
+    return p.parse_args(argv)
+
+
+def prepare(root: Path, args: argparse.Namespace) -> Dict[str, Path]:
+    """A captioned shapes folder, a random-init VAE export and a tiny CLIP in ``root``."""
+    import torch
+
+    from modules.autoencoder import VAEConfig, build_autoencoder
+    from modules.shapes import COLOR_NAMES, SHAPE_NAMES, write_shapes_folder
+    from modules.text_encoder import build_tiny_clip
+    from modules.vae_io import save_vae_export
+
+    data = root / "shapes"
+    if not data.exists():
+        write_shapes_folder(data, args.num_images, args.img_size, seed=0)
+    torch.manual_seed(0)
+    channels = [int(c) for c in args.vae_channels.split(",")]
+    cfg = VAEConfig(img_size=args.img_size, vae_channels_per_block=channels, norm_num_groups=min(32, channels[0]),
+                    residual_layers_per_block=2, attention_layers=1)
+    vae = save_vae_export(build_autoencoder(cfg), cfg, root / "vae.safetensors", {"scaling_factor": 0.18})
+    words = " ".join(list(COLOR_NAMES) + list(SHAPE_NAMES) + ["a", "on", "background"])
+    clip = build_tiny_clip(root / "clip", [words], hidden_size=64, layers=2, heads=2)
+    return {"data": data, "vae": vae, "clip": clip}
+
+
+def run(root: Path, assets: Dict[str, Path], args: argparse.Namespace, cache: bool) -> Dict[str, float]:
+    """One trainer run; returns steady images/s and wall times."""
+    name = "cached" if cache else "on_the_fly"
+    channels = args.unet_channels.split(",")
+    levels = len(channels)
+    sets = {
+        "unet.unet_channels_per_block": f"[{args.unet_channels}]",
+        "unet.down_block_types": "[" + ",".join(["AttnDown"] * (levels - 1) + ["Down"]) + "]",
+        "unet.up_block_types": "[" + ",".join(["Up"] + ["AttnUp"] * (levels - 1)) + "]",
+        "unet.groupnorm_groups": min(32, int(channels[0])), "unet.text_embed_dim": 64,
+        "unet.time_embed_start_dim": int(channels[0]), "unet.time_embed_proj_dim": 4 * int(channels[0]),
+        "unet.text_conditioning_hf_model": str(assets["clip"]),
+        "training_args.total_training_iterations": args.steps, "training_args.per_gpu_batch_size": args.batch_size,
+        "training_args.num_workers": args.num_workers, "training_args.logging_steps": args.log_every,
+        "training_args.checkpoint_iterations": 10 ** 6, "training_args.val_generation_freq": 10 ** 6,
+        "training_args.num_inference_steps": 2, "training_args.num_samples_per_condition": 1,
+        "training_args.mixed_precision": args.mixed_precision, "training_args.cache_latents": str(cache).lower(),
+        "training_args.lr_warmup_steps": 0,
+    }
+    argv = [sys.executable, str(REPO / "stage2_diffusion_trainer.py"), "--experiment_name", name,
+            "--working_directory", str(root / name), "--path_to_vae_backbone", str(assets["vae"]),
+            "--dataset", "shapes", "--path_to_dataset", str(assets["data"]), "--path_to_save_gens", str(root / "gens")]
+    for key, value in sets.items():
+        argv += ["--set", f"{key}={value}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+           "TOKENIZERS_PARALLELISM": "false"}
+    started = time.perf_counter()
+    result = subprocess.run(argv, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{name} run failed:\n{result.stderr[-3000:]}")
+    records = [json.loads(x) for x in (root / name / name / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["images_per_second"] for r in records[1:]] or [records[0]["images_per_second"]]
+    build = 0.0
+    for line in result.stderr.splitlines():
+        if "latent cache ready in" in line:
+            build = float(line.rsplit("in ", 1)[1].rstrip("s"))
+    return {"images_per_second": statistics.median(rates), "cache_build_s": build, "wall_s": wall,
+            "final_loss": records[-1]["loss"]}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.work_dir) if args.work_dir else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        assets = prepare(root, args)
+        results = {cache: run(root, assets, args, cache) for cache in (False, True)}
+    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"stage-2 step throughput, {device}: {args.num_images} shapes images at {args.img_size}px, "
+          f"VAE {args.vae_channels}, UNet {args.unet_channels}, batch {args.batch_size}, {args.steps} steps, "
+          f"{args.num_workers} workers, mixed precision {args.mixed_precision}")
+    print(f"{'mode':<12} {'images/s':>10} {'ms/step':>10} {'cache build s':>14} {'wall s':>8}")
+    for cache, r in results.items():
+        ms = 1000 * args.batch_size / r["images_per_second"]
+        print(f"{'cached' if cache else 'on the fly':<12} {r['images_per_second']:>10.1f} {ms:>10.1f} "
+              f"{r['cache_build_s']:>14.1f} {r['wall_s']:>8.1f}")
+    fly, cached = results[False], results[True]
+    ratio = cached["images_per_second"] / fly["images_per_second"]
+    step_fly = args.batch_size / fly["images_per_second"]
+    step_cached = args.batch_size / cached["images_per_second"]
+    saved = step_fly - step_cached
+    print(f"speed-up from latent caching: {ratio:.2f}x")
+    if saved > 0:
+        print(f"the cache build pays for itself after {cached['cache_build_s'] / saved:.0f} optimizer steps")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Training-step speed of our UNet against diffusers' UNet2DConditionModel at the same config.
+
+One step = forward + MSE loss + backward + AdamW step, on random latents, timesteps and text
+hidden states. Both models are built with the same levels, channels, layers, heads, transformer
+depth, cross-attention width and time-embedding size; the script checks that their parameter
+counts are equal before timing them. Steps of the two models are interleaved in rounds so that
+clock drift and thermal state affect both alike; the table reports the median ms/step and the speed-up of the
+medians and of the minima (the minimum is the better estimate on a busy, shared machine).
+
+Usage:
+    python benchmarks/bench_unet.py --device cpu --config tiny --batch_size 4 --latent_size 16
+    python benchmarks/bench_unet.py --device cuda --config sd --batch_size 8 --latent_size 64 --dtype bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modules.unet import UNet, UNetConfig  # noqa: E402
+
+# Named sizes: SD 1.x, and a small one with the same 4-level layout for CPUs.
+CONFIGS: Dict[str, Dict[str, object]] = {
+    "tiny": dict(channels=[32, 64, 128, 128], heads=4, text_dim=64, groups=32),
+    "sd": dict(channels=[320, 640, 1280, 1280], heads=8, text_dim=768, groups=32),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--latent_size", type=int, default=16)
+    p.add_argument("--context_length", type=int, default=77, help="text tokens (CLIP: 77)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="float32, or autocast to bfloat16/float16 with float32 weights (mixed precision)")
+    p.add_argument("--iters", type=int, default=10, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    p.add_argument("--context_mask", action="store_true", help="pass a padding mask for the text tokens to both")
+    p.add_argument("--channels_last", action="store_true", help="channels_last memory format for both")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="activation checkpointing for both")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: library default)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def build_models(name: str, gradient_checkpointing: bool):
+    """Our UNet and diffusers' UNet2DConditionModel with identical architecture hyper-parameters."""
+    from diffusers import UNet2DConditionModel
+
+    c = CONFIGS[name]
+    channels: List[int] = list(c["channels"])  # type: ignore[arg-type]
+    levels = len(channels)
+    ours = UNet(UNetConfig(
+        unet_channels_per_block=channels,
+        down_block_types=["AttnDown"] * (levels - 1) + ["Down"],
+        up_block_types=["Up"] + ["AttnUp"] * (levels - 1),
+        mid_block_type="AttnMid",
+        num_attention_heads=int(c["heads"]),
+        time_embed_start_dim=channels[0],
+        time_embed_proj_dim=4 * channels[0],
+        text_conditioning=True,
+        text_embed_dim=int(c["text_dim"]),
+        groupnorm_groups=int(c["groups"]),
+        gradient_checkpointing=gradient_checkpointing,
+    ))
+    theirs = UNet2DConditionModel(
+        in_channels=4,
+        out_channels=4,
+        down_block_types=tuple(["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"]),
+        up_block_types=tuple(["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1)),
+        block_out_channels=tuple(channels),
+        layers_per_block=2,
+        cross_attention_dim=int(c["text_dim"]),
+        attention_head_dim=int(c["heads"]),  # diffusers' SD naming: this is the number of heads
+        norm_num_groups=int(c["groups"]),
+        use_linear_projection=True,
+    )
+    if gradient_checkpointing:
+        theirs.enable_gradient_checkpointing()
+    return ours, theirs
+
+
+def make_step(model: torch.nn.Module, is_diffusers: bool, inputs: Dict[str, torch.Tensor], autocast_dtype) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    device_type = inputs["x"].device.type
+
+    def step() -> None:
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if is_diffusers:
+                pred = model(inputs["x"], inputs["t"], encoder_hidden_states=inputs["context"],
+                             encoder_attention_mask=inputs.get("mask")).sample
+            else:
+                pred = model(inputs["x"], inputs["t"], inputs["context"], inputs.get("mask"))
+            loss = F.mse_loss(pred.float(), inputs["noise"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    ours, theirs = build_models(args.config, args.gradient_checkpointing)
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    if n_ours != n_theirs:
+        raise SystemExit(f"parameter counts differ: ours {n_ours:,} vs diffusers {n_theirs:,}")
+
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    ours.to(device, memory_format=fmt).train()
+    theirs.to(device, memory_format=fmt).train()
+    b, s = args.batch_size, args.latent_size
+    text_dim = int(CONFIGS[args.config]["text_dim"])
+    inputs = {
+        "x": torch.randn(b, 4, s, s, device=device).contiguous(memory_format=fmt),
+        "noise": torch.randn(b, 4, s, s, device=device),
+        "t": torch.randint(0, 1000, (b,), device=device),
+        "context": torch.randn(b, args.context_length, text_dim, device=device),
+    }
+    if args.context_mask:
+        lengths = torch.randint(2, args.context_length + 1, (b,), device=device)
+        inputs["mask"] = torch.arange(args.context_length, device=device)[None, :] < lengths[:, None]  # (B, L)
+    autocast_dtype = None if args.dtype == "float32" else DTYPES[args.dtype]
+    steps = {"ours": make_step(ours, False, inputs, autocast_dtype),
+             "diffusers": make_step(theirs, True, inputs, autocast_dtype)}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    sync()
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(args.iters):  # interleaved rounds
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1000.0)
+
+    ms_ours, ms_theirs = statistics.median(times["ours"]), statistics.median(times["diffusers"])
+    min_ours, min_theirs = min(times["ours"]), min(times["diffusers"])
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    header = ["device", "config", "dtype", "batch", "latent", "ours ms/step", "diffusers ms/step",
+              "speed-up (median)", "speed-up (min)", "params"]
+    row = [device_name, args.config, args.dtype, str(b), f"{s}x{s}", f"{ms_ours:.1f}", f"{ms_theirs:.1f}",
+           f"{ms_theirs / ms_ours:.2f}x", f"{min_theirs / min_ours:.2f}x", f"{n_ours:,} (both)"]
+    widths = [max(len(h), len(r)) for h, r in zip(header, row)]
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("-|-".join("-" * w for w in widths))
+    print(" | ".join(r.ljust(w) for r, w in zip(row, widths)))
+    extras = [k for k in ("context_mask", "channels_last", "gradient_checkpointing") if getattr(args, k)]
+    if extras:
+        print("options: " + ", ".join(extras))
+
+
+if __name__ == "__main__":
+    main()

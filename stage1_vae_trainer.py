@@ -1,0 +1,619 @@
+"""Stage 1: train the first-stage autoencoder of a latent diffusion model (KL-VAE or VQ-VAE).
+
+The autoencoder learns to reconstruct images through a latent map f times smaller per side,
+with the loss of taming-transformers / latent diffusion (Esser et al. 2021, eq. 7; Rombach et
+al. 2022, App. G; see modules/vae_loss.py): L1 (or L2) + lpips_weight x LPIPS + kl_weight x KL
+(or codebook_weight x the VQ loss), and from optimizer step ``disc_start`` on the adaptively
+weighted PatchGAN generator loss, while the discriminator is trained with the hinge (or vanilla)
+loss on real images and detached reconstructions. Both networks are updated on every batch,
+each with its own AdamW and LR schedule; before ``disc_start`` the discriminator is neither run
+nor stepped.
+
+Usage (the tutorial's command):
+
+    accelerate launch stage1_vae_trainer.py --experiment_name "VAETrainer" --wandb_run_name "vae_celeba" \\
+      --working_directory "work_dir/vae_celeba" --training_config "configs/stage1_vae_train.yaml" \\
+      --model_config "configs/ldm.yaml" --dataset celebahq --path_to_dataset "<CELEBAHQ>" \\
+      --path_to_save_gens "src/celebahq_vae_gen"
+
+  the same with --training_config configs/stage1_vae_train_cc.yaml --dataset conceptual_captions
+  (--model_config defaults to configs/ldm.yaml), and configs/stage1_vqvae_train.yaml for the VQ-VAE.
+  Shrink anything for a quick run with --set, e.g. --set training_args.total_training_iterations=100
+  --set vae.vae_channels_per_block=[32,64] (vae.* goes to the model config).
+
+Configs
+  --model_config (configs/ldm.yaml): the ``vae:`` section builds the network.
+  --training_config: ``training_args:`` (loss weights, optimizers, schedule, data, logging; see
+  Stage1TrainingArgs), ``discriminator:`` (the PatchGAN, modules.discriminator.DiscriminatorConfig)
+  and, optionally, ``vae:``: overrides of the model config's ``vae:`` keys. That is how
+  configs/stage1_vqvae_train.yaml selects the VQ-VAE (``vae: {quantize: true, ...}``) while the
+  command keeps --model_config configs/ldm.yaml. Precedence: model config < training YAML ``vae:``
+  < ``--set vae.<key>=...``. The resolved network config is what the export records.
+
+Batch size: ``per_gpu_batch_size`` is the batch of one process per optimizer step (as in the
+tutorial); it is split into ``gradient_accumulation_steps`` micro-batches of
+per_gpu_batch_size / gradient_accumulation_steps images. The global batch is
+per_gpu_batch_size x number of processes; the LR schedule counts optimizer steps, so it is the
+same for any number of processes.
+
+Validation: ``num_val_images`` images are held out of the training data (same ones on every run
+and process, seeded by ``seed``) and, every ``val_generation_freq`` optimizer steps, reconstructed
+from the posterior mode (the EMA weights when ``use_ema``): a grid of inputs beside
+reconstructions is written to ``--path_to_save_gens/step_<N>.png`` (and wandb), and PSNR, SSIM
+and LPIPS over all held-out images (gathered over processes) go to metrics.jsonl.
+
+Writes
+  <working_directory>/<experiment_name>/checkpoint_<step>/   resumable state (both models and
+      optimizers, LR schedules, EMA, step, data position, RNG), every ``checkpoint_iterations``
+      optimizer steps, at the end and at --stop_after_steps; the newest ``checkpoints_total_limit`` kept
+  <working_directory>/<experiment_name>/config.yaml, model_config.yaml   the resolved configs
+  <working_directory>/<experiment_name>/metrics.jsonl, loss_curve.png
+  <working_directory>/model.safetensors   the trained VAE (EMA weights when use_ema) with its
+      resolved vae: config in the metadata (modules.vae_io.load_vae rebuilds it)
+  <path_to_save_gens>/step_<N>.png       reconstruction grids
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from modules.autoencoder import VQModel, build_autoencoder
+from modules.cli import run_main
+from modules.config import load_config, load_yaml, to_dict
+from modules.discriminator import DiscriminatorConfig, NLayerDiscriminator, convert_to_sync_batchnorm
+from modules.ema import EMA
+from modules.errors import UserError
+from modules.image_datasets import build_dataset, dataset_conditioning, split_holdout
+from modules.image_metrics import psnr, ssim
+from modules.model_config import LDMConfig, ldm_config_from_dict, split_overrides
+from modules.training import (
+    CheckpointManager,
+    MetricsLogger,
+    TrainerState,
+    add_common_training_args,
+    build_accelerator,
+    build_dataloader,
+    build_lr_scheduler,
+    describe_run,
+    gather_mean,
+    progress_bar,
+    seed_per_process,
+    write_resolved_config,
+)
+from modules.vae_io import save_vae_export
+from modules.vae_loss import VAELoss, VAELossConfig
+
+logger = logging.getLogger("ldm")
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL_CONFIG = "configs/ldm.yaml"
+DEFAULT_TRAINING_CONFIG = "configs/stage1_vae_train.yaml"
+# Images are in [-1, 1], so the PSNR/SSIM data range is 2.
+IMAGE_RANGE = 2.0
+
+
+# ----------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Stage1TrainingArgs(VAELossConfig):
+    """``training_args:`` of a stage-1 training YAML.
+
+    The loss keys (reconstruction_loss, lpips_weight, kl_weight, codebook_weight, disc_start,
+    disc_weight, disc_loss, use_adaptive_weight, adaptive_weight_max, adaptive_weight_eps) are
+    :class:`modules.vae_loss.VAELossConfig`'s and are documented there; the rest:
+
+    learning_rate / disc_learning_rate: peak LR of the autoencoder's / discriminator's AdamW.
+    lr_scheduler / disc_lr_scheduler: "constant", "linear" or "cosine" after a linear warm-up of
+        lr_warmup_steps / disc_lr_warmup_steps optimizer steps. The discriminator's schedule
+        starts at disc_start and spans total_training_iterations - disc_start steps.
+    optimizer_beta1, optimizer_beta2, optimizer_weight_decay: AdamW settings of both optimizers.
+    total_training_iterations: optimizer steps to train.
+    per_gpu_batch_size: images per process per optimizer step (split into accumulation micro-batches).
+    gradient_accumulation_steps: micro-batches per optimizer step.
+    max_grad_norm: clip each network's gradient norm to this (null: no clipping).
+    checkpoint_iterations / checkpoints_total_limit: save every N optimizer steps / keep the newest N (null: all).
+    val_generation_freq / num_val_images: validate every N optimizer steps / on this many held-out images (0: no validation).
+    logging_steps: write gathered training-loss means every N optimizer steps.
+    lpips_checkpoint: a stage-0 LPIPS export (stage0_lpips_trainer.py writes <work_dir>/<name>.safetensors).
+    use_lpips_package: use the ``lpips`` package's pretrained metric instead (needs torchvision's
+        ImageNet weights of lpips_backbone in the torch hub cache, or a network).
+    lpips_backbone: "vgg", "alex" or "squeeze": the package's trunk; a lpips_checkpoint must hold this backbone.
+    use_ema / ema_decay: keep an EMA of the autoencoder's weights (used for validation and the export).
+    mixed_precision: "no", "fp16", "bf16" or "auto" (bf16 where supported).
+    num_workers: data-loader workers per process.
+    crop / random_resized_crop_scale / random_flip: training augmentation (validation images are
+        always resized by the short side and center-cropped, unflipped).
+    shapes_num_images / shapes_seed: size and seed of the on-the-fly ``shapes`` dataset (used only
+        with --dataset shapes and no --path_to_dataset).
+    seed: seed of the weights, the data order and the held-out split (--seed overrides it).
+    """
+
+    learning_rate: float = 1e-4
+    disc_learning_rate: float = 1e-4
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = 0
+    disc_lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    disc_lr_warmup_steps: int = 0
+    optimizer_beta1: float = 0.5
+    optimizer_beta2: float = 0.9
+    optimizer_weight_decay: float = 0.0
+    total_training_iterations: int = 150000
+    per_gpu_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: Optional[float] = 1.0
+    checkpoint_iterations: int = 5000
+    checkpoints_total_limit: Optional[int] = 3
+    val_generation_freq: int = 1000
+    num_val_images: int = 16
+    logging_steps: int = 50
+    lpips_checkpoint: Optional[str] = "work_dir/lpips/lpips_64x64_vgg.safetensors"
+    use_lpips_package: bool = False
+    lpips_backbone: Literal["vgg", "alex", "squeeze"] = "vgg"
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
+    num_workers: int = 4
+    crop: Literal["center", "random_resized"] = "center"
+    random_resized_crop_scale: List[float] = field(default_factory=lambda: [0.8, 1.0])
+    random_flip: bool = True
+    shapes_num_images: int = 10000
+    shapes_seed: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive = ("total_training_iterations", "per_gpu_batch_size", "gradient_accumulation_steps",
+                    "checkpoint_iterations", "val_generation_freq", "logging_steps", "shapes_num_images")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_warmup_steps", "disc_lr_warmup_steps", "num_val_images", "num_workers"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("learning_rate", "disc_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.per_gpu_batch_size % self.gradient_accumulation_steps != 0:
+            raise UserError(f"per_gpu_batch_size ({self.per_gpu_batch_size}) must be a multiple of "
+                            f"gradient_accumulation_steps ({self.gradient_accumulation_steps}): each optimizer step "
+                            "sees per_gpu_batch_size images in gradient_accumulation_steps equal micro-batches")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise UserError(f"max_grad_norm must be > 0 or null (no clipping), got {self.max_grad_norm}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise UserError(f"checkpoints_total_limit must be >= 1 or null (keep all), got {self.checkpoints_total_limit}")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise UserError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if not (0.0 <= self.optimizer_beta1 < 1.0 and 0.0 <= self.optimizer_beta2 < 1.0):
+            raise UserError(f"optimizer betas must be in [0, 1), got {self.optimizer_beta1}, {self.optimizer_beta2}")
+        if self.optimizer_weight_decay < 0:
+            raise UserError(f"optimizer_weight_decay must be >= 0, got {self.optimizer_weight_decay}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Images per process per forward pass."""
+        return self.per_gpu_batch_size // self.gradient_accumulation_steps
+
+    def loss_config(self) -> VAELossConfig:
+        """The loss keys as the loss module's own config."""
+        return VAELossConfig(**{f.name: getattr(self, f.name) for f in fields(VAELossConfig)})
+
+
+@dataclass
+class Stage1Config:
+    """A stage-1 training YAML: ``training_args:``, ``discriminator:`` and optional ``vae:`` overrides."""
+
+    training_args: Stage1TrainingArgs = field(default_factory=Stage1TrainingArgs)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    # Overrides of the model config's vae: keys (e.g. quantize: true for the VQ-VAE).
+    vae: Dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_config_path(path: str) -> Path:
+    """``path`` as given, or, when relative and absent from the working directory, inside the repository
+    (so the default configs/ldm.yaml is found from any folder)."""
+    given = Path(path)
+    if given.exists() or given.is_absolute():
+        return given
+    beside = REPO_ROOT / given
+    return beside if beside.exists() else given
+
+
+def load_configs(args: argparse.Namespace) -> tuple[Stage1Config, LDMConfig]:
+    """The training config and the model config with the training YAML's vae: overrides and --set applied."""
+    model_overrides, training_overrides = split_overrides(args.overrides)
+    training_path = resolve_config_path(args.training_config)
+    config = load_config(Stage1Config, training_path, training_overrides)
+    model_path = resolve_config_path(args.model_config)
+    raw = load_yaml(model_path)
+    source = str(model_path)
+    if config.vae:
+        vae_section = raw.get("vae") or {}
+        if not isinstance(vae_section, dict):
+            raise UserError(f"{model_path}: vae: must be a mapping of keys")
+        raw["vae"] = {**vae_section, **config.vae}
+        source += f" (vae: keys {sorted(config.vae)} from {training_path})"
+    ldm = ldm_config_from_dict(raw, source, model_overrides)
+    if config.discriminator.in_channels != ldm.vae.out_channels:
+        raise UserError(f"{training_path}: discriminator.in_channels ({config.discriminator.in_channels}) must equal "
+                        f"vae.out_channels ({ldm.vae.out_channels}): it judges the reconstructions")
+    return config, ldm
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment_name", default="VAETrainer", help="run folder inside --working_directory")
+    parser.add_argument("--wandb_run_name", default=None, help="name of the wandb run (with --log_wandb)")
+    parser.add_argument("--working_directory", required=True,
+                        help="holds <experiment_name>/ (checkpoints, logs) and the exported model.safetensors")
+    parser.add_argument("--training_config", default=DEFAULT_TRAINING_CONFIG,
+                        help="stage-1 training YAML (training_args:, discriminator:, optional vae: overrides)")
+    parser.add_argument("--model_config", default=DEFAULT_MODEL_CONFIG, help="model YAML whose vae: section is trained")
+    parser.add_argument("--dataset", required=True,
+                        help="celebahq, ffhq, celeba (image folders), imagenet (class folders), "
+                             "conceptual_captions (prep_cc.py output) or shapes")
+    parser.add_argument("--path_to_dataset", default=None,
+                        help="the dataset's folder (optional only for shapes, which is then rendered on the fly)")
+    parser.add_argument("--path_to_save_gens", default=None,
+                        help="folder for the reconstruction grids (default: <working_directory>/<experiment_name>/gens)")
+    add_common_training_args(parser)
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------
+
+def build_perceptual(train: Stage1TrainingArgs) -> Optional[nn.Module]:
+    """The frozen LPIPS of the loss (and of validation): a stage-0 export or the lpips package.
+
+    None only when lpips_weight is 0 and no LPIPS is configured (validation then skips LPIPS).
+    """
+    if train.use_lpips_package:
+        try:
+            import lpips
+        except ImportError:
+            raise UserError("training_args.use_lpips_package is true but the lpips package is not installed "
+                            "(pip install lpips==0.1.4); or set training_args.lpips_checkpoint to a stage-0 export") from None
+        try:
+            metric = lpips.LPIPS(net=train.lpips_backbone, pretrained=True, verbose=False)
+        except Exception as err:  # no cached torchvision trunk and no network, typically
+            reason = " ".join(str(err).split())[:160]
+            raise UserError(
+                f"training_args.use_lpips_package: the lpips package cannot build its pretrained {train.lpips_backbone} "
+                f"metric ({type(err).__name__}: {reason}); put torchvision's ImageNet weights in the torch hub cache, "
+                "or set training_args.use_lpips_package=false and training_args.lpips_checkpoint to a stage-0 export"
+            ) from None
+        return metric.eval().requires_grad_(False)
+    if train.lpips_checkpoint is None:
+        if train.lpips_weight > 0:
+            raise UserError(f"training_args.lpips_weight is {train.lpips_weight} but no LPIPS is configured: set "
+                            "training_args.lpips_checkpoint to a stage-0 export (stage0_lpips_trainer.py), or "
+                            "training_args.use_lpips_package=true, or lpips_weight=0")
+        return None
+    path = Path(train.lpips_checkpoint)
+    if not path.is_file():
+        raise UserError(
+            f"training_args.lpips_checkpoint: {path} not found; train it with stage0_lpips_trainer.py "
+            f"(--work_dir {path.parent} --checkpoint_name {path.stem}.pt writes {path}), point lpips_checkpoint at "
+            "another stage-0 export, or set training_args.use_lpips_package=true (needs the pretrained VGG trunk)"
+        )
+    from modules.lpips import load_lpips_export
+
+    metric, _ = load_lpips_export(path)
+    if metric.backbone != train.lpips_backbone:
+        raise UserError(f"training_args.lpips_checkpoint {path} holds a {metric.backbone!r} LPIPS but lpips_backbone is "
+                        f"{train.lpips_backbone!r}; set training_args.lpips_backbone={metric.backbone}")
+    return metric.eval().requires_grad_(False)
+
+
+def reconstruct(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Deterministic reconstruction for validation: decode the posterior mode (KL) or the quantized latents (VQ)."""
+    if isinstance(model, VQModel):
+        return model(images)[0]
+    return model.decode(model.encode(images).mode())
+
+
+class EpochSeededSamples(torch.utils.data.Dataset):
+    """A dataset whose random augmentation of sample ``i`` in epoch ``e`` is a function of (seed, e, i).
+
+    The image transforms draw crops and flips from torch's global RNG. Drawn there directly, they
+    would depend on which process or worker loads a sample and on how far the loader has
+    prefetched, so a run resumed mid-epoch would see other crops than the uninterrupted run. Here
+    each sample is loaded under a forked RNG seeded from (seed, epoch, index): the training RNG is
+    left untouched and the augmentation is the same for any number of processes or workers.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, dtype=np.uint64)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            return self.dataset[index]
+
+
+def collate_images(samples: List[Dict[str, Any]]) -> torch.Tensor:
+    """Stack the images of a batch, (B, 3, H, W); captions and labels are not needed here."""
+    return torch.stack([sample["image"] for sample in samples])
+
+
+# ----------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def validate(accelerator, model: nn.Module, loader, perceptual: Optional[nn.Module], step: int,
+             gens_dir: Path, metrics_log: MetricsLogger) -> Dict[str, float]:
+    """Reconstruct the held-out images, write the grid (main process) and log gathered PSNR/SSIM/LPIPS."""
+    from torchvision.utils import make_grid, save_image
+
+    was_training = model.training
+    model.eval()
+    inputs, recons, scores = [], [], {"val_psnr": [], "val_ssim": [], "val_lpips": []}
+    for images in loader:
+        with accelerator.autocast():
+            recon = reconstruct(model, images)
+        recon = recon.float().clamp(-1.0, 1.0)
+        per_image = {"val_psnr": psnr(images, recon, IMAGE_RANGE), "val_ssim": ssim(images, recon, IMAGE_RANGE)}
+        if perceptual is not None:
+            with accelerator.autocast():
+                per_image["val_lpips"] = perceptual(images, recon).float().flatten()
+        for key, value in per_image.items():
+            scores[key].append(accelerator.gather_for_metrics(value))
+        inputs.append(accelerator.gather_for_metrics(images).cpu())
+        recons.append(accelerator.gather_for_metrics(recon).cpu())
+    model.train(was_training)
+    results = {key: torch.cat(values).mean().item() for key, values in scores.items() if values}
+    if accelerator.is_main_process:
+        gens_dir.mkdir(parents=True, exist_ok=True)
+        originals, reconstructions = torch.cat(inputs), torch.cat(recons)
+        # Each input directly left of its reconstruction: (2N, 3, H, W) interleaved.
+        pairs = torch.stack([originals, reconstructions], dim=1).flatten(0, 1)
+        pairs_per_row = math.ceil(math.sqrt(len(originals)))
+        grid = make_grid((pairs + 1.0) / 2.0, nrow=2 * pairs_per_row, padding=2, pad_value=1.0)
+        path = gens_dir / f"step_{step}.png"
+        save_image(grid, path)
+        metrics_log.log_images("reconstructions", path, step)
+    metrics_log.log(results, step)
+    logger.info("step %d validation: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    return results
+
+
+# ----------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
+    args = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    # -- config -----------------------------------------------------------------------
+    dataset_conditioning(args.dataset)  # unknown names fail here, listing the known ones
+    config, ldm = load_configs(args)
+    train = config.training_args
+    if args.seed is not None:
+        train.seed = args.seed
+    vae_config = ldm.vae
+    working_dir = Path(args.working_directory)
+    run_dir = working_dir / args.experiment_name
+    gens_dir = Path(args.path_to_save_gens) if args.path_to_save_gens else run_dir / "gens"
+
+    # -- accelerator ------------------------------------------------------------------
+    accelerator = build_accelerator(train.mixed_precision, train.gradient_accumulation_steps, train.seed,
+                                    bool(args.log_wandb), run_dir)
+    several = accelerator.num_processes > 1
+
+    # -- models -----------------------------------------------------------------------
+    vae = build_autoencoder(vae_config)
+    discriminator: nn.Module = NLayerDiscriminator.from_config(config.discriminator)
+    if several:
+        if accelerator.device.type == "cpu":
+            # torch's SyncBatchNorm has no CPU kernel: each process normalises with its own batch.
+            logger.warning("%d CPU processes: the discriminator keeps per-process BatchNorm statistics "
+                           "(SyncBatchNorm needs GPUs)", accelerator.num_processes)
+        else:
+            discriminator = convert_to_sync_batchnorm(discriminator)
+    perceptual = build_perceptual(train)
+    if perceptual is not None:
+        perceptual.to(accelerator.device)
+    loss_fn = VAELoss(train.loss_config(), perceptual)
+    ema = EMA(vae, decay=train.ema_decay).to(accelerator.device) if train.use_ema else None
+    if vae_config.quantize and several:
+        from accelerate.utils import broadcast
+
+        # Global code usage (same dead codes everywhere) and rank 0's restart samples.
+        vae.quantize.set_distributed_hooks(lambda t: accelerator.reduce(t, reduction="sum"),
+                                           lambda t: broadcast(t, from_process=0))
+    num_params = sum(p.numel() for p in vae.parameters())
+    logger.info("%s with %.2fM parameters, latents (%d, %d, %d); discriminator %.2fM parameters",
+                type(vae).__name__, num_params / 1e6, vae.latent_channels, vae_config.latent_size,
+                vae_config.latent_size, sum(p.numel() for p in discriminator.parameters()) / 1e6)
+
+    # -- optimizer --------------------------------------------------------------------
+    betas = (train.optimizer_beta1, train.optimizer_beta2)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=train.learning_rate, betas=betas,
+                                  weight_decay=train.optimizer_weight_decay)
+    disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=train.disc_learning_rate, betas=betas,
+                                       weight_decay=train.optimizer_weight_decay)
+    scheduler = build_lr_scheduler(optimizer, train.lr_scheduler, train.lr_warmup_steps,
+                                   train.total_training_iterations)
+    # The discriminator's schedule counts its own steps, which begin at disc_start.
+    disc_scheduler = build_lr_scheduler(disc_optimizer, train.disc_lr_scheduler, train.disc_lr_warmup_steps,
+                                        max(1, train.total_training_iterations - train.disc_start))
+
+    # -- data -------------------------------------------------------------------------
+    def dataset(augment: bool):
+        return build_dataset(args.dataset, args.path_to_dataset, vae_config.img_size,
+                             crop=train.crop if augment else "center", random_flip=train.random_flip and augment,
+                             random_resized_crop_scale=train.random_resized_crop_scale,
+                             shapes_num_images=train.shapes_num_images, shapes_seed=train.shapes_seed)
+
+    train_full = dataset(augment=True)
+    if train.num_val_images >= len(train_full):
+        raise UserError(f"training_args.num_val_images ({train.num_val_images}) must be smaller than the dataset "
+                        f"({len(train_full)} images)")
+    train_set, _ = split_holdout(train_full, train.num_val_images, train.seed)
+    _, val_set = split_holdout(dataset(augment=False), train.num_val_images, train.seed)
+    train_set = EpochSeededSamples(train_set, train.seed)
+    loader = build_dataloader(train_set, train.micro_batch_size, shuffle=True, num_workers=train.num_workers,
+                              drop_last=True, seed=train.seed, collate_fn=collate_images)
+    val_loader = build_dataloader(val_set, train.micro_batch_size, shuffle=False, num_workers=train.num_workers,
+                                  drop_last=False, seed=train.seed, collate_fn=collate_images) if len(val_set) else None
+
+    # -- prepare ----------------------------------------------------------------------
+    vae, discriminator, optimizer, disc_optimizer, loader = accelerator.prepare(
+        vae, discriminator, optimizer, disc_optimizer, loader)
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+    accelerator.register_for_checkpointing(scheduler, disc_scheduler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    if len(loader) == 0:
+        raise UserError(f"{len(train_set)} training images give no full micro-batch of {train.micro_batch_size} on "
+                        f"{accelerator.num_processes} process(es); lower training_args.per_gpu_batch_size")
+    plain_vae = accelerator.unwrap_model(vae)
+    plain_disc = accelerator.unwrap_model(discriminator)
+    last_layer_weight = plain_vae.last_decoder_layer_weight
+    seed_per_process(accelerator, train.seed)  # posterior noise differs per process; restored on resume
+
+    # -- resume -----------------------------------------------------------------------
+    checkpoints = CheckpointManager(accelerator, run_dir, total_limit=train.checkpoints_total_limit)
+    if args.resume_from_checkpoint is None:
+        checkpoints.check_fresh_start()
+    state = checkpoints.resume(args.resume_from_checkpoint)
+    resolved = to_dict(config)
+    write_resolved_config(accelerator, run_dir, resolved)
+    write_resolved_config(accelerator, run_dir, to_dict(ldm), filename="model_config.yaml")
+    metrics_log = MetricsLogger(accelerator, run_dir, bool(args.log_wandb), args.experiment_name,
+                                args.wandb_run_name, {"training": resolved, "model": to_dict(ldm)})
+    metrics_log.truncate_after(state.step)
+
+    # -- loop -------------------------------------------------------------------------
+    from accelerate import skip_first_batches
+
+    total = train.total_training_iterations
+    steps_per_epoch = math.ceil(len(loader) / train.gradient_accumulation_steps)
+    logger.info("training on %d images (%d held out): %d optimizer steps, %d per epoch, global batch %d, "
+                "discriminator from step %d", len(train_set), len(val_set), total, steps_per_epoch,
+                train.per_gpu_batch_size * accelerator.num_processes, train.disc_start)
+    bar = progress_bar(accelerator, total, initial=state.step, desc="stage1")
+    window: Dict[str, List[float]] = {}
+    steps_this_run = 0
+    done = state.step >= total
+    vae.train()
+    discriminator.train()
+    while not done:
+        loader.set_epoch(state.epoch)  # the sampler's order
+        train_set.set_epoch(state.epoch)  # the augmentation (accelerate forwards it only in some set-ups)
+        batches = skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        for images in batches:
+            state.batch_in_epoch += 1
+            step = state.step  # optimizer steps done: switches the GAN on at disc_start
+            with accelerator.accumulate(vae, discriminator):
+                # Autoencoder update. The discriminator runs unwrapped and frozen inside the loss,
+                # so it neither receives gradients nor joins a DDP gradient sync here.
+                with accelerator.autocast():
+                    if vae_config.quantize:
+                        recon, regularizer, vq_logs = vae(images)
+                    else:
+                        recon, regularizer = vae(images)
+                        vq_logs = {}
+                    loss, logs = loss_fn.generator_loss(images, recon, regularizer, step, plain_disc,
+                                                        last_layer_weight)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and train.max_grad_norm is not None:
+                    logs["grad_norm"] = float(accelerator.clip_grad_norm_(vae.parameters(), train.max_grad_norm))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                # Discriminator update on real images and detached reconstructions (from disc_start on).
+                with accelerator.autocast():
+                    d_loss, d_logs = loss_fn.discriminator_loss(images, recon.detach(), step, discriminator)
+                if d_loss is not None:
+                    accelerator.backward(d_loss)
+                    if accelerator.sync_gradients and train.max_grad_norm is not None:
+                        d_logs["disc_grad_norm"] = float(
+                            accelerator.clip_grad_norm_(discriminator.parameters(), train.max_grad_norm))
+                    disc_optimizer.step()
+                    disc_optimizer.zero_grad(set_to_none=True)
+            for key, value in {**logs, **d_logs, **{k: float(v) for k, v in vq_logs.items()}}.items():
+                window.setdefault(key, []).append(value)
+            if not accelerator.sync_gradients:
+                continue
+
+            # -- one optimizer step done --
+            lrs = {"lr": scheduler.get_last_lr()[0], "disc_lr": disc_scheduler.get_last_lr()[0]}  # used by this step
+            scheduler.step()
+            if d_loss is not None:
+                disc_scheduler.step()
+            state.step += 1
+            steps_this_run += 1
+            if ema is not None:
+                ema.update(plain_vae, state.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['total']:.4f}", rec=f"{logs['rec']:.4f}", epoch=state.epoch)
+            if state.step % train.logging_steps == 0:
+                means = gather_mean(accelerator, {k: sum(v) / len(v) for k, v in window.items()})
+                means.update(lrs)
+                metrics_log.log(means, state.step)
+                window = {}
+            if val_loader is not None and state.step % train.val_generation_freq == 0:
+                validate(accelerator, ema.model if ema is not None else plain_vae, val_loader, perceptual,
+                         state.step, gens_dir, metrics_log)
+            finished = state.step >= total
+            stopping = args.stop_after_steps is not None and steps_this_run >= args.stop_after_steps
+            if state.step % train.checkpoint_iterations == 0 or finished or stopping:
+                checkpoints.save(state)
+            if finished or stopping:
+                done = True
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    bar.close()
+    metrics_log.plot(["total", "rec", "lpips", "kl", "codebook", "d_loss", "adaptive_weight", "val_psnr", "val_lpips"])
+
+    # -- export -----------------------------------------------------------------------
+    if state.step < total:
+        logger.info("stopped at step %d of %d (--stop_after_steps); continue with --resume_from_checkpoint latest",
+                    state.step, total)
+        metrics_log.finish()
+        return None
+    export_path = working_dir / "model.safetensors"
+    if accelerator.is_main_process:
+        final = ema.model if ema is not None else plain_vae
+        save_vae_export(final, vae_config, export_path, metadata={
+            "producer": describe_run("stage1_vae_trainer.py", argv),
+            "step": state.step,
+            "dataset": args.dataset,
+            "ema": ema is not None,
+        })
+        logger.info("wrote %s", export_path)
+    metrics_log.finish()
+    accelerator.wait_for_everyone()
+    return export_path
+
+
+if __name__ == "__main__":
+    run_main(main)

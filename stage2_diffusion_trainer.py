@@ -1,0 +1,681 @@
+"""Stage 2: train the latent diffusion UNet with DDPM on the frozen VAE's scaled latents.
+
+Latent Diffusion (Rombach et al. 2022, sec. 3.3): images are encoded once more by the frozen
+stage-1 autoencoder, the latents are scaled to unit variance (``scaling_constants[<dataset>]``
+of the model config, else the VAE export's ``scaling_factor``, else an error), and a UNet
+learns to predict the noise (or v, or x0) of ``z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps``
+(DDPM, Ho et al. 2020, eq. 14). What it is conditioned on follows the dataset:
+
+- text (``conceptual_captions``, ``shapes``): the last hidden states of a frozen (or trainable)
+  CLIP text encoder, through cross-attention with the padding masked; captions pre-encoded by
+  ``prep_cc.py`` (column ``text_embeddings``) are used when present;
+- class (``imagenet``): a class embedding added to the time embedding;
+- none (``celebahq``, ``ffhq``, ``celeba``).
+
+A fraction ``cfg_dropout_prob`` of the captions becomes ``""`` (of the class labels, the null
+class), so one network learns the conditional and the unconditional model and sampling can
+use classifier-free guidance (Ho & Salimans 2022). An EMA of the UNet is kept for the sample
+grids and the export. Optionally the dataset is encoded once (``cache_latents``), which makes
+every later epoch skip the VAE (see ``modules/latent_cache.py``).
+
+Usage (the tutorial's command):
+
+    accelerate launch stage2_diffusion_trainer.py --experiment_name "DiffusionTrainer" \\
+      --wandb_run_name "diffusion_cc" --working_directory "work_dir/diffusion_cc" \\
+      --training_config "configs/stage2_diffusion_train.yaml" --model_config "configs/ldm.yaml" \\
+      --path_to_vae_backbone "<VAE.safetensors>" --dataset conceptual_captions \\
+      --path_to_dataset "<DATA>" --path_to_save_gens "src/diffusion_cc"
+
+Reads the VAE (a stage-1 ``model.safetensors`` or a diffusers AutoencoderKL folder) and the
+dataset. Writes ``<working_directory>/<experiment_name>/`` (``config.yaml``, ``metrics.jsonl``,
+``loss_curve.png``, ``checkpoint_<step>/``, ``latent_cache/``), the sample grids
+``<path_to_save_gens>/step_<step>.png`` and, at the end, ``<working_directory>/model.safetensors``:
+the EMA UNet, the VAE, the text encoder, the scale, the schedule and all configs, which is all
+``inference_ldm.py`` needs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+
+from modules.cli import run_main
+from modules.config import load_config, to_dict
+from modules.diffusion import NoiseSchedule, diffusion_loss, sample_noise, sample_timesteps
+from modules.ema import EMA
+from modules.errors import UserError
+from modules.image_datasets import build_dataset, dataset_conditioning
+from modules.latent_cache import (
+    CachedLatentDataset,
+    FlipAugmented,
+    build_latent_cache,
+    sample_latents,
+    vae_fingerprint,
+    vae_moments,
+)
+from modules.ldm_io import LatentDiffusion, save_ldm_export, text_encoder_export
+from modules.model_config import load_ldm_config, scale_factor_for, split_overrides
+from modules.training import (
+    CheckpointManager,
+    MetricsLogger,
+    add_common_training_args,
+    build_accelerator,
+    build_dataloader,
+    build_lr_scheduler,
+    describe_run,
+    gather_mean,
+    progress_bar,
+    read_export_metadata,
+    seed_per_process,
+    write_resolved_config,
+)
+from modules.unet import UNet, UNetConfig
+
+logger = logging.getLogger("ldm")
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Stage2TrainingArgs:
+    """``training_args:`` of ``configs/stage2_diffusion_train.yaml`` (the comments there explain each key)."""
+
+    learning_rate: float = 1e-4
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    lr_warmup_steps: int = 1000
+    total_training_iterations: int = 200000
+    per_gpu_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.01
+    adam_epsilon: float = 1e-8
+    # YAML 1.1 reads a bare `no` as false: false means "no", true means "auto".
+    mixed_precision: Union[Literal["no", "fp16", "bf16", "auto"], bool] = "auto"
+    seed: int = 0
+    loss_type: Literal["mse", "l1", "huber"] = "mse"
+    huber_c: float = 0.1
+    snr_gamma: Optional[float] = None
+    offset_noise: float = 0.0
+    cfg_dropout_prob: float = 0.1
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    ema_update_after_step: int = 0
+    ema_update_every: int = 1
+    img_size: Optional[int] = None
+    random_flip: bool = True
+    num_workers: int = 8
+    shapes_num_images: int = 10000
+    shapes_seed: int = 0
+    cache_latents: bool = False
+    latent_cache_dir: Optional[str] = None
+    latent_cache_dtype: Literal["float32", "float16"] = "float32"
+    train_text_encoder: bool = False
+    hf_cache_dir: Optional[str] = None
+    checkpoint_iterations: int = 5000
+    checkpoints_total_limit: Optional[int] = 3
+    logging_steps: int = 50
+    log_wandb: bool = False
+    val_generation_freq: int = 2500
+    sample_prompts_file: str = "configs/sample_text_cond_prompts.txt"
+    sample_class_labels: Optional[List[int]] = None
+    num_samples_per_condition: int = 2
+    num_unconditional_samples: int = 16
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    ddim_eta: float = 0.0
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
+    sample_seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("total_training_iterations", "per_gpu_batch_size", "gradient_accumulation_steps",
+                    "checkpoint_iterations", "logging_steps", "val_generation_freq", "num_samples_per_condition",
+                    "num_unconditional_samples", "num_inference_steps", "ema_update_every", "shapes_num_images")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("lr_warmup_steps", "num_workers", "ema_update_after_step"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.cfg_dropout_prob <= 1.0:
+            raise ValueError(f"cfg_dropout_prob must be in [0, 1], got {self.cfg_dropout_prob}")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if self.max_grad_norm < 0 or self.offset_noise < 0 or self.ddim_eta < 0 or self.huber_c <= 0:
+            raise ValueError("max_grad_norm, offset_noise and ddim_eta must be >= 0 and huber_c > 0")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be > 0 or null, got {self.snr_gamma}")
+        if self.img_size is not None and self.img_size < 1:
+            raise ValueError(f"img_size must be >= 1 or null, got {self.img_size}")
+        if isinstance(self.mixed_precision, bool):
+            self.mixed_precision = "auto" if self.mixed_precision else "no"
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(f"checkpoints_total_limit must be >= 1 or null, got {self.checkpoints_total_limit}")
+
+
+@dataclass
+class Stage2Config:
+    """The stage-2 training YAML: one ``training_args:`` section."""
+
+    training_args: Stage2TrainingArgs = field(default_factory=Stage2TrainingArgs)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment_name", default="DiffusionTrainer",
+                        help="run folder inside --working_directory (checkpoints, metrics) and the wandb project")
+    parser.add_argument("--wandb_run_name", default=None, help="name of the wandb run (with --log_wandb)")
+    parser.add_argument("--working_directory", required=True,
+                        help="where the run folder and the final model.safetensors go")
+    parser.add_argument("--training_config", default="configs/stage2_diffusion_train.yaml",
+                        help="YAML with training_args: (see the shipped file)")
+    parser.add_argument("--model_config", default="configs/ldm.yaml",
+                        help="YAML with unet:, diffusion:, scaling_constants: (and vae:)")
+    parser.add_argument("--path_to_vae_backbone", required=True,
+                        help="the frozen VAE: a stage-1 model.safetensors or a diffusers AutoencoderKL folder")
+    parser.add_argument("--dataset", required=True,
+                        help="celebahq | ffhq | celeba (unconditional), imagenet (classes), "
+                             "conceptual_captions | shapes (text)")
+    parser.add_argument("--path_to_dataset", default=None,
+                        help="the data (for shapes optional: without it, images are rendered on the fly)")
+    parser.add_argument("--path_to_save_gens", default=None,
+                        help="folder for the sample grids step_<N>.png (default: <run folder>/samples)")
+    add_common_training_args(parser)
+    return parser.parse_args(argv)
+
+
+def resolve_shipped_path(path: str, what: str) -> Path:
+    """``path`` as given (relative to the working directory), else relative to the repository,
+    so the shipped ``configs/...`` names work from any directory. Missing in both: a clear error."""
+    given = Path(path).expanduser()
+    if given.exists():
+        return given
+    if not given.is_absolute() and (REPO_ROOT / given).exists():
+        return REPO_ROOT / given
+    raise UserError(f"{what} {path} not found (looked in {Path.cwd()} and {REPO_ROOT})")
+
+
+def read_prompts(path: Path) -> List[str]:
+    """Non-empty lines of a prompts file that do not start with '#'."""
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise UserError(f"{path}: no prompts in it (one per line; '#' starts a comment)")
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------
+# Conditioning
+# ----------------------------------------------------------------------------------------
+
+def cfg_dropout_mask(batch_size: int, prob: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Which samples lose their condition for classifier-free guidance: (B,) bool, each True with
+    probability ``prob`` independently (Ho & Salimans 2022, algorithm 1). Drawn on the CPU."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {prob}")
+    return torch.rand(batch_size, generator=generator) < prob
+
+
+def check_unet_conditioning(conditioning: str, unet: UNetConfig, dataset: str, config_path: str) -> None:
+    """The UNet's conditioning switches must match what the dataset provides."""
+    kind = {"text": "text-conditional", "class": "class-conditional", "none": "unconditional"}[conditioning]
+    for key, wanted in (("text_conditioning", conditioning == "text"), ("class_conditioning", conditioning == "class")):
+        if getattr(unet, key) != wanted:
+            value = str(wanted).lower()
+            raise UserError(f"dataset {dataset!r} is {kind} but {config_path} has unet.{key}: "
+                            f"{str(not wanted).lower()}; set it to {value} (e.g. --set unet.{key}={value})")
+
+
+class Conditioner:
+    """Turns a batch into the UNet's conditioning keywords, applying classifier-free-guidance dropout.
+
+    text: captions -> text encoder -> ``context`` (B, L, D) + ``context_mask`` (B, L); a dropped
+    caption becomes ``""``. With ``use_pre_encoded`` the batch's ``text_embeddings`` (from
+    ``prep_cc.py``) and ``attention_mask`` are used instead, and a dropped row takes the encoding
+    of ``""``. class: ``class_labels`` (B,), a dropped label becomes the null class. none: {}.
+    """
+
+    def __init__(self, conditioning: str, text_encoder=None, use_pre_encoded: bool = False,
+                 null_class: Optional[int] = None) -> None:
+        self.conditioning = conditioning
+        self.text_encoder = text_encoder
+        self.use_pre_encoded = use_pre_encoded
+        self.null_class = null_class
+        self._null_text: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def _plain_text_encoder(self):
+        return getattr(self.text_encoder, "module", self.text_encoder)  # DDP-wrapped when trained
+
+    def null_text(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Encoding of the empty prompt, ((1, L, D), (1, L)), computed once (frozen encoder only)."""
+        if self._null_text is None:
+            with torch.no_grad():
+                self._null_text = self._plain_text_encoder()([""])
+        return self._null_text
+
+    def __call__(self, batch: Dict[str, Any], drop: torch.Tensor, device: torch.device) -> Dict[str, torch.Tensor]:
+        if self.conditioning == "text":
+            if self.use_pre_encoded:
+                hidden, mask = self._plain_text_encoder().pre_encoded(batch["text_embeddings"], batch.get("attention_mask"))
+                if bool(drop.any()):
+                    null_hidden, null_mask = self.null_text()
+                    length = hidden.shape[1]
+                    rows = drop.to(hidden.device)
+                    hidden = hidden.clone()
+                    mask = mask.clone()
+                    hidden[rows] = null_hidden[0, :length].to(hidden.dtype)
+                    mask[rows] = null_mask[0, :length].to(mask.device)
+            else:
+                captions = ["" if dropped else caption for caption, dropped in zip(batch["caption"], drop.tolist())]
+                hidden, mask = self.text_encoder(captions)  # through the DDP wrapper when trained
+            return {"context": hidden.to(device), "context_mask": mask.to(device)}
+        if self.conditioning == "class":
+            labels = torch.as_tensor(batch["label"], dtype=torch.long)
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+            return {"class_labels": labels.to(device)}
+        return {}
+
+
+def warn_if_other_text_encoder(dataset_path: Path, text_source: str) -> None:
+    """Pre-encoded text must come from the text encoder that encodes the sampling prompts;
+    ``prep_cc.py`` records which one it used in ``prep_cc_summary.json``."""
+    summary_file = dataset_path / "prep_cc_summary.json"
+    if not summary_file.is_file():
+        return
+    import json
+
+    used = json.loads(summary_file.read_text()).get("hf_clip_model_name")
+    if not used:
+        return
+    same = Path(used).expanduser().resolve() == Path(text_source).expanduser().resolve() \
+        if Path(used).expanduser().is_dir() and Path(text_source).expanduser().is_dir() else used == text_source
+    if not same:
+        logger.warning("%s was pre-encoded with %r but unet.text_conditioning_hf_model is %r: the sampling prompts "
+                       "would be encoded by another model than the training captions", dataset_path, used, text_source)
+
+
+# ----------------------------------------------------------------------------------------
+# One training loss
+# ----------------------------------------------------------------------------------------
+
+def batch_latents(batch: Dict[str, Any], vae: torch.nn.Module, scaling_factor: float, shift_factor: float,
+                  device: torch.device) -> torch.Tensor:
+    """Scaled latents (B, C, h, w) float32 of a batch: from cached moments or by encoding its images."""
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+    else:
+        mean, std = vae_moments(vae, batch["image"].to(device))
+    return sample_latents(mean, std, scaling_factor, shift_factor)
+
+
+def denoising_loss(unet: torch.nn.Module, latents: torch.Tensor, cond: Dict[str, torch.Tensor],
+                   schedule: NoiseSchedule, prediction_type: str, args: Stage2TrainingArgs,
+                   ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """DDPM's simple loss (Ho et al. 2020, eq. 14) on one batch of latents -> (loss, logs).
+
+    t ~ U{0..T-1}, eps ~ N(0, I) (+ offset noise), z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps,
+    and the UNet regresses the target of ``prediction_type`` (eps, v or z_0).
+    """
+    noise = sample_noise(latents, offset_noise=args.offset_noise)
+    t = sample_timesteps(latents.shape[0], schedule.num_train_timesteps, device=latents.device)  # (B,)
+    noisy = schedule.add_noise(latents, noise, t)
+    target = schedule.training_target(latents, noise, t, prediction_type)
+    output = unet(noisy, t, **cond)
+    return diffusion_loss(output, target, t, schedule, args.loss_type, args.snr_gamma, prediction_type, args.huber_c)
+
+
+# ----------------------------------------------------------------------------------------
+# Sample grids
+# ----------------------------------------------------------------------------------------
+
+def validation_conditions(conditioning: str, args: Stage2TrainingArgs, num_classes: int,
+                          ) -> Tuple[Optional[List[str]], Optional[List[int]], int, int]:
+    """(prompts, class labels, number of images, images per grid row) of the sample grids."""
+    k = args.num_samples_per_condition
+    if conditioning == "text":
+        prompts = read_prompts(resolve_shipped_path(args.sample_prompts_file, "training_args.sample_prompts_file"))
+        return [p for p in prompts for _ in range(k)], None, len(prompts) * k, k
+    if conditioning == "class":
+        labels = args.sample_class_labels if args.sample_class_labels is not None else list(range(min(8, num_classes)))
+        bad = [label for label in labels if not 0 <= label < num_classes]
+        if bad or not labels:
+            raise UserError(f"training_args.sample_class_labels {labels}: need labels in [0, {num_classes - 1}]")
+        return None, [label for label in labels for _ in range(k)], len(labels) * k, k
+    n = args.num_unconditional_samples
+    return None, None, n, max(1, int(math.ceil(math.sqrt(n))))
+
+
+def save_sample_grid(pipeline: LatentDiffusion, args: Stage2TrainingArgs, conditions, path: Path, autocast) -> Path:
+    """Generate the validation images with DDIM/DDPM + guidance from a fixed seed; save one grid PNG."""
+    from torchvision.utils import save_image
+
+    prompts, labels, n, per_row = conditions
+    generator = torch.Generator().manual_seed(args.sample_seed)  # same noise at every step: comparable grids
+    images = pipeline.generate(n, prompts=prompts, class_labels=labels, guidance_scale=args.guidance_scale,
+                               sampler=args.sampler, num_inference_steps=args.num_inference_steps, eta=args.ddim_eta,
+                               timestep_spacing=args.timestep_spacing, generator=generator, autocast=autocast)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images * 0.5 + 0.5, str(path), nrow=per_row)  # rows = prompts / classes
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------
+
+class TrainResult(NamedTuple):
+    """What :func:`main` returns (for tests and notebooks): the final state and the live models."""
+
+    step: int
+    export_path: Optional[Path]
+    run_dir: Path
+    unet: torch.nn.Module
+    ema: Optional[EMA]
+    vae: torch.nn.Module
+    text_encoder: Optional[torch.nn.Module]
+
+
+def _weight_dtype(mixed_precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
+    args = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    # -- config -------------------------------------------------------------------------
+    model_overrides, training_overrides = split_overrides(args.overrides)
+    training_config_path = resolve_shipped_path(args.training_config, "--training_config")
+    model_config_path = resolve_shipped_path(args.model_config, "--model_config")
+    train_cfg = load_config(Stage2Config, training_config_path, training_overrides).training_args
+    ldm = load_ldm_config(model_config_path, model_overrides)
+    seed = train_cfg.seed if args.seed is None else args.seed
+    log_wandb = train_cfg.log_wandb if args.log_wandb is None else bool(args.log_wandb)
+    conditioning = dataset_conditioning(args.dataset)
+    check_unet_conditioning(conditioning, ldm.unet, args.dataset, str(model_config_path))
+    working_dir = Path(args.working_directory)
+    run_dir = working_dir / args.experiment_name
+    gens_dir = Path(args.path_to_save_gens) if args.path_to_save_gens else run_dir / "samples"
+    export_path = working_dir / "model.safetensors"
+
+    # -- accelerator --------------------------------------------------------------------
+    accelerator = build_accelerator(train_cfg.mixed_precision, train_cfg.gradient_accumulation_steps, seed,
+                                    log_wandb, run_dir)
+    device = accelerator.device
+    weight_dtype = _weight_dtype(accelerator.mixed_precision)
+
+    # -- models -------------------------------------------------------------------------
+    # The frozen VAE: its architecture comes with its weights (export metadata / diffusers config.json).
+    from modules.vae_io import load_vae
+
+    vae_path = Path(args.path_to_vae_backbone)
+    fallback_vae_config = None
+    if vae_path.is_file() and "config" not in read_export_metadata(vae_path):
+        fallback_vae_config = ldm.vae  # a bare weights file: the model config's vae: section describes it
+    vae, vae_config, vae_metadata = load_vae(vae_path, fallback_vae_config)
+    if vae.latent_channels != ldm.unet.in_channels or vae.latent_channels != ldm.unet.out_channels:
+        raise UserError(
+            f"{vae_path} has {vae.latent_channels} latent channels but {model_config_path} has unet.in_channels "
+            f"{ldm.unet.in_channels} and unet.out_channels {ldm.unet.out_channels}; they must be equal")
+    scaling_factor = scale_factor_for(ldm, args.dataset, vae_metadata, str(model_config_path), str(vae_path))
+    shift_factor = float(vae_metadata.get("shift_factor") or getattr(vae, "shift_factor", None) or 0.0)
+    img_size = train_cfg.img_size or vae_config.img_size
+    if img_size % vae.downsample_factor != 0:
+        raise UserError(f"training_args.img_size {img_size} is not a multiple of the VAE's downsampling factor "
+                        f"{vae.downsample_factor}")
+    vae_export_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}  # fp32 master for the export
+    vae.to(device=device, dtype=weight_dtype).eval().requires_grad_(False)
+    logger.info("VAE %s: %d latent channels, factor %d; latent scale %.6g (shift %.4g); training at %dpx",
+                vae_path, vae.latent_channels, vae.downsample_factor, scaling_factor, shift_factor, img_size)
+
+    text_encoder = None
+    text_encoder_state = None
+    text_source = ldm.unet.text_conditioning_hf_model
+    text_is_local = Path(text_source).expanduser().is_dir()
+    if conditioning == "text":
+        from modules.text_encoder import TextEncoder
+
+        text_encoder = TextEncoder(text_source, cache_dir=train_cfg.hf_cache_dir,
+                                   trainable=train_cfg.train_text_encoder)
+        if text_encoder.hidden_size != ldm.unet.text_embed_dim:
+            raise UserError(f"the text encoder {text_source!r} has hidden size {text_encoder.hidden_size} but "
+                            f"{model_config_path} has unet.text_embed_dim {ldm.unet.text_embed_dim}; they must be equal")
+        if not train_cfg.train_text_encoder:
+            if text_is_local:  # embedded in the export: keep float32 weights before casting
+                text_encoder_state = {k: v.detach().clone() for k, v in text_encoder.model.state_dict().items()}
+            text_encoder.to(device=device, dtype=weight_dtype).eval().requires_grad_(False)
+
+    unet = UNet(ldm.unet)
+    logger.info("UNet: %.2fM parameters, %s conditioning, predicts %s", sum(p.numel() for p in unet.parameters()) / 1e6,
+                conditioning, ldm.diffusion.prediction_type)
+    ema = None
+    if train_cfg.use_ema:
+        ema = EMA(unet, decay=train_cfg.ema_decay, warmup=train_cfg.ema_warmup,
+                  start_step=train_cfg.ema_update_after_step, update_every=train_cfg.ema_update_every).to(device)
+    schedule = NoiseSchedule(ldm.diffusion.num_train_timesteps, ldm.diffusion.beta_schedule,
+                             ldm.diffusion.beta_start, ldm.diffusion.beta_end).to(device)
+
+    # -- optimizer ----------------------------------------------------------------------
+    trained: List[torch.nn.Module] = [unet] + ([text_encoder] if train_cfg.train_text_encoder else [])
+    parameters = [p for module in trained for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=train_cfg.learning_rate,
+                                  betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+                                  weight_decay=train_cfg.adam_weight_decay, eps=train_cfg.adam_epsilon)
+    # Stepped once per optimizer step (not prepared): the same schedule for any number of processes.
+    scheduler = build_lr_scheduler(optimizer, train_cfg.lr_scheduler, train_cfg.lr_warmup_steps,
+                                   train_cfg.total_training_iterations)
+
+    # -- data ---------------------------------------------------------------------------
+    base_dataset = build_dataset(args.dataset, args.path_to_dataset, img_size, crop="center", random_flip=False,
+                                 shapes_num_images=train_cfg.shapes_num_images, shapes_seed=train_cfg.shapes_seed)
+    class_names = None
+    null_class = None
+    if conditioning == "class":
+        class_names = list(base_dataset.classes)
+        if len(class_names) > ldm.unet.num_classes:
+            raise UserError(f"{args.path_to_dataset} has {len(class_names)} classes but unet.num_classes is "
+                            f"{ldm.unet.num_classes} in {model_config_path}")
+        null_class = unet.null_class_label
+    has_pre_encoded = "text_embeddings" in getattr(base_dataset, "array_columns", ())
+    if ldm.unet.pre_encoded_text and not has_pre_encoded:
+        raise UserError(f"unet.pre_encoded_text is true in {model_config_path} but {args.path_to_dataset} has no "
+                        "text_embeddings column (run prep_cc.py with --pre_encode_text)")
+    use_pre_encoded = conditioning == "text" and has_pre_encoded and not train_cfg.train_text_encoder \
+        and not train_cfg.cache_latents
+    if use_pre_encoded:
+        logger.info("using the dataset's pre-encoded text (column text_embeddings)")
+        warn_if_other_text_encoder(Path(args.path_to_dataset), text_source)
+    if has_pre_encoded and not use_pre_encoded:
+        logger.info("the dataset's pre-encoded text is not used (%s); captions are encoded on the fly",
+                    "the text encoder is trained" if train_cfg.train_text_encoder else "latents are cached")
+    if train_cfg.cache_latents:
+        cache_dir = Path(train_cfg.latent_cache_dir) if train_cfg.latent_cache_dir else run_dir / "latent_cache"
+        fingerprint = {
+            "dataset": args.dataset,
+            "path": str(Path(args.path_to_dataset).resolve()) if args.path_to_dataset else None,
+            "shapes": [train_cfg.shapes_num_images, train_cfg.shapes_seed] if args.path_to_dataset is None else None,
+            "num_samples": len(base_dataset), "img_size": img_size, "flips": train_cfg.random_flip,
+            "vae": vae_fingerprint(vae), "encode_dtype": str(weight_dtype), "dtype": train_cfg.latent_cache_dtype,
+        }
+        started = time.perf_counter()
+        build_latent_cache(accelerator, base_dataset, vae, cache_dir, fingerprint,
+                           (vae.latent_channels, img_size // vae.downsample_factor, img_size // vae.downsample_factor),
+                           flips=train_cfg.random_flip, cache_dtype=train_cfg.latent_cache_dtype,
+                           batch_size=train_cfg.per_gpu_batch_size, num_workers=train_cfg.num_workers)
+        logger.info("latent cache ready in %.1fs", time.perf_counter() - started)
+        train_set = CachedLatentDataset(cache_dir, seed, train_cfg.random_flip)
+    else:
+        train_set = FlipAugmented(base_dataset, seed, enabled=train_cfg.random_flip)
+    loader = build_dataloader(train_set, train_cfg.per_gpu_batch_size, shuffle=True, num_workers=train_cfg.num_workers,
+                              drop_last=True, seed=seed)
+    validation = validation_conditions(conditioning, train_cfg, len(class_names) if class_names else 0)
+
+    # -- prepare ------------------------------------------------------------------------
+    if train_cfg.train_text_encoder:
+        unet, text_encoder, optimizer, loader = accelerator.prepare(unet, text_encoder, optimizer, loader)
+    else:
+        unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    if len(loader) == 0:
+        raise UserError(f"{len(train_set)} training images give no full batch of per_gpu_batch_size "
+                        f"{train_cfg.per_gpu_batch_size} on {accelerator.num_processes} process(es); lower it")
+    conditioner = Conditioner(conditioning, text_encoder, use_pre_encoded, null_class)
+
+    # -- resume -------------------------------------------------------------------------
+    checkpoints = CheckpointManager(accelerator, run_dir, total_limit=train_cfg.checkpoints_total_limit)
+    if args.resume_from_checkpoint is None:
+        checkpoints.check_fresh_start()
+    seed_per_process(accelerator, seed)  # noise/timesteps differ per rank; a resume restores these RNGs
+    state = checkpoints.resume(args.resume_from_checkpoint)
+    run_config = {"training_args": to_dict(train_cfg), "model": to_dict(dataclasses.replace(ldm, vae=vae_config)),
+                  "args": vars(args)}
+    write_resolved_config(accelerator, run_dir, run_config)
+    metrics_log = MetricsLogger(accelerator, run_dir, log_wandb, args.experiment_name, args.wandb_run_name, run_config)
+    metrics_log.truncate_after(state.step)
+
+    # -- loop ---------------------------------------------------------------------------
+    total = train_cfg.total_training_iterations
+    logger.info("training on %d %s: %d optimizer steps of %d x %d x %d images, %d batches per epoch",
+                len(train_set), "cached latents" if train_cfg.cache_latents else "images", total,
+                train_cfg.per_gpu_batch_size, accelerator.num_processes, train_cfg.gradient_accumulation_steps,
+                len(loader))
+    prediction_type = ldm.diffusion.prediction_type
+
+    def sample_pipeline() -> LatentDiffusion:
+        return LatentDiffusion(
+            unet=ema.model if ema is not None else accelerator.unwrap_model(unet), vae=vae,
+            text_encoder=accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
+            config=ldm, scaling_factor=scaling_factor, shift_factor=shift_factor, conditioning=conditioning,
+            img_size=img_size, class_names=class_names)
+
+    def write_samples(step: int) -> None:
+        if accelerator.is_main_process:
+            modules = [m for m in (accelerator.unwrap_model(unet), text_encoder) if m is not None]
+            modes = [m.training for m in modules]
+            for m in modules:
+                m.eval()
+            path = save_sample_grid(sample_pipeline(), train_cfg, validation, gens_dir / f"step_{step}.png",
+                                    accelerator.autocast)
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+            metrics_log.log_images("samples", path, step)
+            logger.info("wrote %s", path)
+        accelerator.wait_for_everyone()
+
+    from accelerate import skip_first_batches
+
+    bar = progress_bar(accelerator, total, initial=state.step, desc="stage2")
+    window: List[float] = []
+    grad_norm = None
+    timed_steps, timed_seconds, tick = 0, 0.0, time.perf_counter()
+    steps_this_run = 0
+    stop = False
+    for module in trained:
+        module.train()
+    while state.step < total and not stop:
+        train_set.set_epoch(state.epoch)
+        loader.set_epoch(state.epoch)
+        batches = skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        for batch in batches:
+            state.batch_in_epoch += 1
+            with accelerator.accumulate(*trained):
+                with accelerator.autocast():
+                    latents = batch_latents(batch, vae, scaling_factor, shift_factor, device)
+                    drop = cfg_dropout_mask(latents.shape[0], train_cfg.cfg_dropout_prob)
+                    cond = conditioner(batch, drop, device)
+                    loss, logs = denoising_loss(unet, latents, cond, schedule, prediction_type, train_cfg)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and train_cfg.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(parameters, train_cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window.append(float(logs["loss"]))
+            if not accelerator.sync_gradients:
+                continue
+
+            # one optimizer step done
+            step_lr = scheduler.get_last_lr()[0]  # the learning rate this step used
+            scheduler.step()
+            state.step += 1
+            steps_this_run += 1
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(unet), state.step)
+            now = time.perf_counter()
+            timed_steps, timed_seconds, tick = timed_steps + 1, timed_seconds + (now - tick), now
+            bar.update(1)
+            bar.set_postfix(loss=f"{window[-1]:.4f}", epoch=state.epoch)
+            finished = state.step >= total
+            stop = bool(args.stop_after_steps) and steps_this_run >= args.stop_after_steps and not finished
+            if state.step % train_cfg.logging_steps == 0 or finished:
+                means = gather_mean(accelerator, {"loss": sum(window) / len(window)})
+                means["lr"] = step_lr
+                means["epoch"] = state.epoch
+                if grad_norm is not None:
+                    means["grad_norm"] = float(grad_norm)
+                images_per_step = train_cfg.per_gpu_batch_size * train_cfg.gradient_accumulation_steps * \
+                    accelerator.num_processes
+                means["images_per_second"] = images_per_step * timed_steps / max(timed_seconds, 1e-9)
+                metrics_log.log(means, state.step)
+                window, timed_steps, timed_seconds = [], 0, 0.0
+            if state.step % train_cfg.checkpoint_iterations == 0 or finished or stop:
+                checkpoints.save(state)
+            if state.step % train_cfg.val_generation_freq == 0 or finished:
+                write_samples(state.step)
+            tick = time.perf_counter()  # checkpoints and samples do not count as training time
+            if finished or stop:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            continue
+        break
+    bar.close()
+    if stop:
+        logger.info("stopped after %d steps (--stop_after_steps); continue with --resume_from_checkpoint latest",
+                    steps_this_run)
+        metrics_log.finish()
+        return TrainResult(state.step, None, run_dir, unet, ema, vae, text_encoder)
+
+    # -- export -------------------------------------------------------------------------
+    if accelerator.is_main_process:
+        unet_source = ema.model if ema is not None else accelerator.unwrap_model(unet)
+        unet_state = {k: v.detach().float().cpu() for k, v in unet_source.state_dict().items()}
+        text_payload = None
+        if text_encoder is not None:
+            plain_text = accelerator.unwrap_model(text_encoder)
+            embed = train_cfg.train_text_encoder or text_is_local
+            text_payload = text_encoder_export(plain_text, text_source, embed,
+                                               None if train_cfg.train_text_encoder else text_encoder_state)
+        save_ldm_export(
+            export_path, unet_state, vae_export_state, dataclasses.replace(ldm, vae=vae_config), scaling_factor,
+            shift_factor, conditioning, args.dataset, img_size, text_encoder=text_payload, class_names=class_names,
+            metadata={"training_config": to_dict(train_cfg), "step": state.step, "ema": ema is not None,
+                      "vae_source": str(vae_path), "producer": describe_run("stage2_diffusion_trainer.py", argv)})
+        logger.info("wrote %s (step %d)", export_path, state.step)
+        metrics_log.plot(["loss", "lr", "grad_norm"])
+    metrics_log.finish()
+    accelerator.wait_for_everyone()
+    return TrainResult(state.step, export_path, run_dir, unet, ema, vae, text_encoder)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,211 @@
+"""inference_ldm.py and the stage-2 export: the tutorial's command, determinism, guidance,
+negative prompts, img2img, class labels, and clear errors.
+
+The exports are written with ``modules.ldm_io.save_ldm_export`` from tiny random networks whose
+weights are perturbed away from the UNet's zero initialisation (an untrained UNet predicts 0
+for every input, which would make every conditioning look the same).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import inference_ldm
+from modules.autoencoder import VAEConfig, build_autoencoder
+from modules.cli import run_main
+from modules.errors import UserError
+from modules.ldm_io import LatentDiffusion, load_ldm_export, save_ldm_export, text_encoder_export
+from modules.model_config import LDMConfig
+from modules.text_encoder import TextEncoder, build_tiny_clip
+from modules.unet import UNet, UNetConfig
+
+REPO = Path(__file__).resolve().parents[1]
+IMG = 16
+PROMPT = "a red circle on a blue background"
+
+
+def _perturbed(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    return module
+
+
+def _export(path: Path, conditioning: str, clip: Path | None) -> Path:
+    torch.manual_seed(0)
+    vae_cfg = VAEConfig(img_size=IMG, vae_channels_per_block=[8, 16], norm_num_groups=4, latent_channels=4,
+                        residual_layers_per_block=1, attention_layers=0)
+    unet_cfg = UNetConfig(unet_channels_per_block=[16, 32], down_block_types=["AttnDown", "Down"],
+                          up_block_types=["Up", "AttnUp"], mid_block_type="None", unet_residual_layers_per_block=1,
+                          groupnorm_groups=4, num_attention_heads=2, time_embed_start_dim=16, time_embed_proj_dim=32,
+                          transformer_dim_mult=2, text_conditioning=conditioning == "text", text_embed_dim=32,
+                          text_conditioning_hf_model=str(clip), class_conditioning=conditioning == "class",
+                          num_classes=3, class_embed_dim=16)
+    config = LDMConfig(vae=vae_cfg, unet=unet_cfg)
+    unet = _perturbed(UNet(unet_cfg), 1)
+    vae = build_autoencoder(vae_cfg)
+    text = text_encoder_export(TextEncoder(clip), str(clip), embed=True) if conditioning == "text" else None
+    return save_ldm_export(path, unet.state_dict(), vae.state_dict(), config, 0.7, 0.0, conditioning,
+                           "shapes" if conditioning == "text" else "imagenet", IMG, text_encoder=text,
+                           class_names=["cat", "dog", "fox"] if conditioning == "class" else None,
+                           metadata={"step": 0})
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference")
+    clip = build_tiny_clip(root / "clip", ["a red blue green circle square on background"], hidden_size=32,
+                           layers=1, heads=2, max_position_embeddings=16)
+    init = root / "init.png"
+    Image.new("RGB", (24, 20), (200, 60, 40)).save(init)
+    return {"root": root, "clip": clip, "init": init, "text": _export(root / "text.safetensors", "text", clip),
+            "class": _export(root / "class.safetensors", "class", None)}
+
+
+def generate(export: Path, out: Path, *extra: str) -> bytes:
+    """Run inference_ldm.main in process with few steps; return the PNG bytes."""
+    paths = inference_ldm.main(["--path_to_weights", str(export), "--num_inference_steps", "4", "--output", str(out),
+                                *extra])
+    assert paths == [out]
+    return out.read_bytes()
+
+
+def test_tutorial_command_writes_a_png(exports, tmp_path):
+    cmd = [sys.executable, str(REPO / "inference_ldm.py"), "--model_config", "configs/ldm.yaml", "--path_to_weights",
+           str(exports["text"]), "--text_conditional", "--training_dataset", "conceptual_captions",
+           "--prompt", "A beautiful sunset at the beach"]
+    result = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = sorted((tmp_path / "generated").glob("*.png"))
+    assert len(written) == 1 and written[0].name.startswith("A_beautiful_sunset_at_the_beach-seed")
+    assert result.stdout.strip() == str(Path("generated") / written[0].name)
+    with Image.open(written[0]) as image:
+        assert image.size == (IMG, IMG) and image.mode == "RGB"
+    # configs/ldm.yaml (SD-sized) describes other weights: reported, the export's own config used.
+    assert "differs from the export's own model config" in result.stderr
+    assert "trained on shapes" in result.stderr
+
+
+def test_same_seed_same_bytes_other_seed_other_image(exports, tmp_path):
+    a = generate(exports["text"], tmp_path / "a.png", "--prompt", PROMPT, "--seed", "3")
+    b = generate(exports["text"], tmp_path / "b.png", "--prompt", PROMPT, "--seed", "3")
+    c = generate(exports["text"], tmp_path / "c.png", "--prompt", PROMPT, "--seed", "4")
+    assert a == b and a != c
+    d = generate(exports["text"], tmp_path / "d.png", "--prompt", PROMPT, "--seed", "3", "--sampler", "ddpm")
+    e = generate(exports["text"], tmp_path / "e.png", "--prompt", PROMPT, "--seed", "3", "--sampler", "ddpm")
+    assert d == e and d != a
+    # Several images into a folder: one PNG each; into a .png file: one grid.
+    paths = inference_ldm.main(["--path_to_weights", str(exports["text"]), "--prompt", PROMPT, "--num_images", "3",
+                                "--num_inference_steps", "2", "--seed", "0", "--output", str(tmp_path / "many")])
+    assert [p.name for p in paths] == [f"a_red_circle_on_a_blue_background-seed0-{i:03d}.png" for i in range(3)]
+    inference_ldm.main(["--path_to_weights", str(exports["text"]), "--prompt", PROMPT, "--num_images", "4",
+                        "--num_inference_steps", "2", "--seed", "0", "--output", str(tmp_path / "grid.png")])
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (2 * IMG + 6, 2 * IMG + 6)
+
+
+def _images(model: LatentDiffusion, seed: int = 0, **kw) -> torch.Tensor:
+    kw.setdefault("num_inference_steps", 4)
+    return model.generate(2, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_guidance_and_negative_prompt_behave_as_their_formula_says(exports):
+    model = load_ldm_export(exports["text"])
+    other = "a green square on a white background"
+    guided = _images(model, prompts=[PROMPT] * 2, guidance_scale=7.5)
+    plain = _images(model, prompts=[PROMPT] * 2, guidance_scale=1.0)
+    assert (guided - plain).abs().max() > 1e-3  # guidance changes the image
+    # w = 1 is the conditional model alone: the negative prompt (the unconditional branch) has no effect.
+    assert torch.equal(_images(model, prompts=[PROMPT] * 2, negative_prompts=[other] * 2, guidance_scale=1.0), plain)
+    # With guidance it does.
+    negative = _images(model, prompts=[PROMPT] * 2, negative_prompts=[other] * 2, guidance_scale=7.5)
+    assert (negative - guided).abs().max() > 1e-3
+    # w = 0 is the unconditional branch alone, i.e. the negative prompt as if it were the prompt.
+    only_negative = _images(model, prompts=[PROMPT] * 2, negative_prompts=[other] * 2, guidance_scale=0.0)
+    assert torch.allclose(only_negative, _images(model, prompts=[other] * 2, guidance_scale=1.0), atol=1e-5)
+
+
+def test_img2img_strength(exports, tmp_path):
+    model = load_ldm_export(exports["text"])
+    init = inference_ldm.load_init_image(str(exports["init"]), IMG, 2)  # (2, 3, 16, 16), resized + cropped
+    assert init.shape == (2, 3, IMG, IMG)
+    # Strength 0 runs no step: the image comes back through the VAE unchanged otherwise.
+    kept = _images(model, prompts=[PROMPT] * 2, init_images=init, strength=0.0)
+    assert torch.allclose(kept, model.decode_latents(model.encode_images(init)), atol=1e-6)
+    half = _images(model, prompts=[PROMPT] * 2, init_images=init, strength=0.5)
+    assert torch.equal(half, _images(model, prompts=[PROMPT] * 2, init_images=init, strength=0.5))
+    full = _images(model, prompts=[PROMPT] * 2)
+    distance = lambda a, b: (a - b).abs().mean().item()
+    assert distance(half, kept) > 1e-3 and distance(half, full) > 1e-3
+    # The less of the schedule it runs, the closer it stays to the init image.
+    assert distance(half, kept) < distance(full, kept)
+    # Through the command line.
+    png = generate(exports["text"], tmp_path / "i.png", "--prompt", PROMPT, "--seed", "1", "--init_image",
+                   str(exports["init"]), "--strength", "0.5")
+    assert png != generate(exports["text"], tmp_path / "j.png", "--prompt", PROMPT, "--seed", "1")
+
+
+def test_class_labels_by_index_or_name(exports, tmp_path):
+    by_index = generate(exports["class"], tmp_path / "a.png", "--class_label", "2", "--seed", "0")
+    by_name = generate(exports["class"], tmp_path / "b.png", "--class_label", "fox", "--seed", "0")
+    other = generate(exports["class"], tmp_path / "c.png", "--class_label", "cat", "--seed", "0")
+    assert by_index == by_name and by_index != other
+
+
+def one_line_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        run_main(inference_ldm.main, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_bad_inputs_are_one_line_errors(exports, tmp_path, capsys):
+    text, cls = str(exports["text"]), str(exports["class"])
+    assert "pass --prompt" in one_line_error(["--path_to_weights", text], capsys)
+    assert "not text-conditional" in one_line_error(["--path_to_weights", cls, "--text_conditional"], capsys)
+    assert "pass --class_label" in one_line_error(["--path_to_weights", cls], capsys)
+    assert "outside [0, 2]" in one_line_error(["--path_to_weights", cls, "--class_label", "7"], capsys)
+    assert "neither a class index nor a class name" in one_line_error(
+        ["--path_to_weights", cls, "--class_label", "zebra"], capsys)
+    assert "takes no --prompt" in one_line_error(["--path_to_weights", cls, "--prompt", "x", "--class_label", "1"], capsys)
+    assert "weights file not found" in one_line_error(["--path_to_weights", str(tmp_path / "none.safetensors")], capsys)
+    assert "unknown; known datasets" in one_line_error(
+        ["--path_to_weights", text, "--prompt", "x", "--training_dataset", "laion"], capsys)
+    assert "file not found" in one_line_error(
+        ["--path_to_weights", text, "--prompt", "x", "--init_image", str(tmp_path / "no.png")], capsys)
+    with pytest.raises(SystemExit) as exc:  # argparse: an img2img flag without an image
+        inference_ldm.main(["--path_to_weights", text, "--prompt", "x", "--strength", "0.3"])
+    assert exc.value.code == 2
+
+
+def test_export_round_trip(exports, tmp_path):
+    model = load_ldm_export(exports["text"])
+    tensors = load_file(str(exports["text"]))
+    assert all(torch.equal(tensors[f"unet.{k}"], v) for k, v in model.unet.state_dict().items())
+    assert all(torch.equal(tensors[f"vae.{k}"], v) for k, v in model.vae.state_dict().items())
+    # The embedded text encoder (weights + tokenizer files) encodes exactly like the folder it came from.
+    source = TextEncoder(exports["clip"])
+    with torch.no_grad():
+        for (h1, m1), (h2, m2) in [(source([PROMPT, ""]), model.text_encoder([PROMPT, ""]))]:
+            assert torch.equal(h1, h2) and torch.equal(m1, m2)
+    assert model.text_encoder.tokenizer.tokenize(PROMPT) == source.tokenizer.tokenize(PROMPT)
+    assert model.latent_shape == (4, 8, 8) and model.scaling_factor == 0.7
+    # A frozen hub text encoder is stored by name only; offline and uncached, loading says so.
+    text, meta = text_encoder_export(source, "someone/not-cached-clip", embed=False)
+    assert text == {} and meta == {"source": "hub", "name": "someone/not-cached-clip"}
+    path = save_ldm_export(tmp_path / "hub.safetensors", model.unet.state_dict(), model.vae.state_dict(), model.config,
+                           0.7, 0.0, "text", "shapes", IMG, text_encoder=(text, meta))
+    with pytest.raises(UserError, match="not-cached-clip"):
+        load_ldm_export(path, text_encoder_cache_dir=tmp_path / "empty_cache")

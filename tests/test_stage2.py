@@ -1,0 +1,481 @@
+"""Stage 2 end to end: the tutorial's command line on tiny models, and each mechanic asserted.
+
+The real script runs through ``accelerate launch`` (one and two processes) with the shipped
+configs, shrunk only by ``--set`` overrides: a tiny VAE written with the stage-1 classes and
+``vae_io.save_vae_export``, a tiny CLIP from ``build_tiny_clip``, and four datasets: ``shapes``
+(rendered on the fly), a ``prep_cc.py``-style Hugging Face dataset with pre-encoded text, an
+ImageNet-style class folder and an unconditional image folder. Cheaper checks call ``main`` in
+process (resume, EMA, frozen nets, caching) or the small pure functions (CFG dropout, padding).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import stage2_diffusion_trainer as s2
+from modules.autoencoder import VAEConfig, build_autoencoder
+from modules.cli import run_main
+from modules.latent_cache import CachedLatentDataset, FlipAugmented, flip_decision
+from modules.ldm_io import load_ldm_export
+from modules.model_config import load_ldm_config
+from modules.shapes import COLOR_NAMES, SHAPE_NAMES, render_shape, sample_specs
+from modules.text_encoder import TextEncoder, build_tiny_clip
+from modules.unet import UNet
+from modules.vae_io import save_vae_export
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+IMG = 16  # image side; the VAE halves it: 8x8 latents
+CLIP_LEN = 16  # tokens of the tiny CLIP
+SHAPE_PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
+
+
+# ----------------------------------------------------------------------------------------
+# Assets
+# ----------------------------------------------------------------------------------------
+
+def _vae(path: Path, latent_channels: int = 4, scaling_factor=0.5) -> Path:
+    torch.manual_seed(0)
+    cfg = VAEConfig(img_size=IMG, vae_channels_per_block=[8, 16], norm_num_groups=4, latent_channels=latent_channels,
+                    residual_layers_per_block=1, attention_layers=0)
+    meta = {} if scaling_factor is None else {"scaling_factor": scaling_factor}
+    return save_vae_export(build_autoencoder(cfg), cfg, path, meta)
+
+
+def _png(path: Path, spec_seed: int, index: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    render_shape(sample_specs(index + 1, spec_seed)[index], IMG + 4).save(path)  # not square-cropped yet
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    words = list(COLOR_NAMES) + list(SHAPE_NAMES) + ["a", "on", "background"]
+    a = {
+        "root": root,
+        "vae": _vae(root / "vae.safetensors"),
+        "vae_unscaled": _vae(root / "vae_unscaled.safetensors", scaling_factor=None),
+        "vae_3ch": _vae(root / "vae_3ch.safetensors", latent_channels=3),
+        "clip": build_tiny_clip(root / "clip", [" ".join(words)], hidden_size=32, layers=1, heads=2,
+                                max_position_embeddings=CLIP_LEN),
+        "prompts": root / "shapes_prompts.txt",
+    }
+    a["prompts"].write_text("# shapes prompts\n" + "\n".join(SHAPE_PROMPTS) + "\n")
+    for i in range(8):  # unconditional folder
+        _png(root / "faces" / f"{i:03d}.png", 1, i)
+    for c, name in enumerate(["cat", "dog", "fox"]):  # class folders
+        for i in range(4):
+            _png(root / "imagenet" / name / f"{i}.png", 2 + c, i)
+    (root / "empty").mkdir()
+    a["cc"] = _conceptual_captions(root / "cc", a["clip"])
+    return a
+
+
+def _conceptual_captions(path: Path, clip: Path) -> Path:
+    """A prep_cc.py-style dataset: its features, captions tokenized and pre-encoded by the tiny CLIP."""
+    import datasets
+
+    from prep_cc import build_features
+
+    specs = sample_specs(8, 5)
+    captions = [s.caption for s in specs]
+    encoder = TextEncoder(clip)
+    tokens = encoder.tokenize(captions)
+    with torch.no_grad():
+        hidden, _ = encoder.encode(tokens.input_ids, tokens.attention_mask)  # (8, L, 32)
+    rows = {
+        "image": [render_shape(s, IMG) for s in specs], "caption": captions,
+        "input_ids": tokens.input_ids.int().tolist(), "attention_mask": tokens.attention_mask.tolist(),
+        "text_embeddings": hidden.numpy().astype(np.float32).tolist(),
+        "key": [f"{i:09d}" for i in range(8)], "url": [f"http://x/{i}.jpg" for i in range(8)],
+        "width": [IMG] * 8, "height": [IMG] * 8,
+    }
+    features = build_features(CLIP_LEN, 32, "float32")
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(path))
+    (path / "prep_cc_summary.json").write_text(json.dumps({"hf_clip_model_name": str(clip)}))
+    return path
+
+
+def unet_sets(clip: Path, text: bool = True, classes: bool = False) -> list[str]:
+    """--set overrides that shrink configs/ldm.yaml's UNet to a few thousand parameters."""
+    sets = {
+        "unet.unet_channels_per_block": "[16,32]", "unet.down_block_types": "[AttnDown,Down]",
+        "unet.up_block_types": "[Up,AttnUp]", "unet.mid_block_type": "None", "unet.unet_residual_layers_per_block": 1,
+        "unet.groupnorm_groups": 4, "unet.num_attention_heads": 2, "unet.time_embed_start_dim": 16,
+        "unet.time_embed_proj_dim": 32, "unet.transformer_dim_mult": 2, "unet.text_embed_dim": 32,
+        "unet.text_conditioning_hf_model": str(clip), "unet.text_conditioning": str(text).lower(),
+        "unet.class_conditioning": str(classes).lower(), "unet.num_classes": 4, "unet.class_embed_dim": 16,
+    }
+    return [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+
+
+def train_sets(prompts: Path, **overrides) -> list[str]:
+    """--set overrides that shrink configs/stage2_diffusion_train.yaml to a few CPU steps."""
+    sets = {
+        "total_training_iterations": 4, "per_gpu_batch_size": 4, "num_workers": 0, "checkpoint_iterations": 2,
+        "val_generation_freq": 2, "num_inference_steps": 3, "sample_prompts_file": str(prompts),
+        "shapes_num_images": 16, "logging_steps": 1, "mixed_precision": "no", "lr_warmup_steps": 1,
+        "num_samples_per_condition": 2, "num_unconditional_samples": 4, "learning_rate": 1e-3,
+    }
+    sets.update(overrides)
+    return [arg for key, value in sets.items() for arg in ("--set", f"training_args.{key}={value}")]
+
+
+def tutorial_argv(work: Path, vae: Path, dataset: str, data: Path | None, gens: Path) -> list[str]:
+    """The tutorial's stage-2 flags, with the shipped configs."""
+    argv = ["--experiment_name", "DiffusionTrainer", "--wandb_run_name", "diffusion_cc", "--working_directory",
+            str(work), "--training_config", "configs/stage2_diffusion_train.yaml", "--model_config", "configs/ldm.yaml",
+            "--path_to_vae_backbone", str(vae), "--dataset", dataset, "--path_to_save_gens", str(gens)]
+    return argv + (["--path_to_dataset", str(data)] if data is not None else [])
+
+
+def launch(argv: list[str], processes: int = 1) -> subprocess.CompletedProcess:
+    """``accelerate launch stage2_diffusion_trainer.py ...`` as a user runs it (two processes: gloo on the CPU)."""
+    env = dict(ENV)
+    if processes == 1:
+        cmd = [ACCELERATE, "launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
+    else:
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+               "--dynamo_backend", "no"]
+    result = subprocess.run(cmd + ["stage2_diffusion_trainer.py", *argv], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """In-process runs build their own Accelerator: start each test from a clean accelerate state
+    (it is a process-wide singleton that refuses a second mixed-precision setting)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+
+
+CHECKPOINT_FILES = ["custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "model.safetensors", "optimizer.bin",
+                    "random_states_0.pkl", "trainer_state.json"]
+
+
+# ----------------------------------------------------------------------------------------
+# The tutorial's command line, per conditioning
+# ----------------------------------------------------------------------------------------
+
+def test_tutorial_command_on_shapes_writes_checkpoints_grids_and_a_complete_export(assets, tmp_path):
+    work, gens = tmp_path / "work", tmp_path / "gens"
+    launch(tutorial_argv(work, assets["vae"], "shapes", None, gens) + unet_sets(assets["clip"]) +
+           train_sets(assets["prompts"], checkpoints_total_limit=1))
+
+    run = work / "DiffusionTrainer"
+    assert files_under(work) == sorted(
+        ["model.safetensors", "DiffusionTrainer/config.yaml", "DiffusionTrainer/metrics.jsonl",
+         "DiffusionTrainer/loss_curve.png"] + [f"DiffusionTrainer/checkpoint_4/{f}" for f in CHECKPOINT_FILES])
+    assert files_under(gens) == ["step_2.png", "step_4.png"]
+    with Image.open(gens / "step_4.png") as grid:  # 2 prompts x 2 samples of 16 px, make_grid's 2 px padding
+        assert grid.size == (2 * IMG + 3 * 2, 2 * IMG + 3 * 2)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and r["images_per_second"] > 0 for r in records)
+    assert records[0]["lr"] == pytest.approx(1e-3)  # 1 warm-up step, then cosine over 4 steps
+    assert json.loads((run / "checkpoint_4" / "trainer_state.json").read_text())["step"] == 4
+
+    # The export alone rebuilds the model: UNet, the untouched VAE and text encoder, scale, schedule.
+    model = load_ldm_export(work / "model.safetensors")
+    meta = model.metadata
+    assert (meta["conditioning"], meta["training_dataset"], meta["img_size"], meta["step"]) == ("text", "shapes", IMG, 4)
+    assert model.scaling_factor == 0.5 and model.shift_factor == 0.0
+    assert meta["model_config"]["diffusion"] == {"num_train_timesteps": 1000, "beta_schedule": "linear",
+                                                 "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "epsilon"}
+    assert meta["model_config"]["vae"]["vae_channels_per_block"] == [8, 16]
+    assert meta["text_encoder"]["source"] == "embedded"
+    assert meta["training_config"]["total_training_iterations"] == 4
+    exported = load_file(str(work / "model.safetensors"))
+    source_vae = load_file(str(assets["vae"]))
+    assert all(torch.equal(exported[f"vae.{k}"], v) for k, v in source_vae.items())
+    source_clip = load_file(str(assets["clip"] / "model.safetensors"))
+    assert all(torch.equal(exported[f"text_encoder.{k}"], v) for k, v in source_clip.items())
+    # The export holds the EMA weights, the checkpoint the same EMA (custom object 1).
+    ema_state = torch.load(run / "checkpoint_4" / "custom_checkpoint_1.pkl", weights_only=False)["model"]
+    assert all(torch.equal(exported[f"unet.{k}"], v) for k, v in ema_state.items())
+
+
+def test_conceptual_captions_uses_pre_encoded_text_in_bf16_with_workers(assets, tmp_path):
+    work = tmp_path / "work"
+    sets = train_sets(assets["prompts"], total_training_iterations=2, per_gpu_batch_size=2, mixed_precision="bf16",
+                      num_workers=1, val_generation_freq=100)
+    result = launch(tutorial_argv(work, assets["vae"], "conceptual_captions", assets["cc"], tmp_path / "gens") +
+                    unet_sets(assets["clip"]) + sets)
+    assert "using the dataset's pre-encoded text" in result.stderr
+    assert "bf16" in result.stderr
+    assert "pre-encoded with" not in result.stderr  # same text encoder as prep_cc's summary says
+    assert files_under(tmp_path / "gens") == ["step_2.png"]  # the final step always gets a grid
+    model = load_ldm_export(work / "model.safetensors")
+    assert model.metadata["training_dataset"] == "conceptual_captions"
+    assert model.metadata["training_config"]["mixed_precision"] == "bf16"
+    # The frozen VAE ran in bf16 but the export keeps its float32 weights bit for bit.
+    exported = load_file(str(work / "model.safetensors"))
+    assert all(torch.equal(exported[f"vae.{k}"], v) for k, v in load_file(str(assets["vae"])).items())
+
+
+def test_class_conditional_imagenet_on_two_processes(assets, tmp_path):
+    work = tmp_path / "work"
+    sets = train_sets(assets["prompts"], total_training_iterations=2, per_gpu_batch_size=2, checkpoint_iterations=1,
+                      sample_class_labels="[0,2]", num_samples_per_condition=1, lr_scheduler="linear",
+                      lr_warmup_steps=2)
+    launch(tutorial_argv(work, assets["vae"], "imagenet", assets["root"] / "imagenet", tmp_path / "gens") +
+           unet_sets(assets["clip"], text=False, classes=True) + sets, processes=2)
+    run = work / "DiffusionTrainer"
+    files = set(files_under(run / "checkpoint_2"))
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors", "optimizer.bin"} <= files
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # Warm-up over 2 optimizer steps whatever the number of processes: lr 0.5e-3, then 1e-3.
+    assert [r["step"] for r in records] == [1, 2]
+    assert [r["lr"] for r in records] == pytest.approx([0.5e-3, 1e-3])
+    assert records[0]["images_per_second"] > 0
+    with Image.open(tmp_path / "gens" / "step_2.png") as grid:  # 2 classes x 1 sample: one column
+        assert grid.size == (IMG + 4, 2 * IMG + 6)
+    model = load_ldm_export(work / "model.safetensors")
+    assert model.conditioning == "class" and model.class_names == ["cat", "dog", "fox"]
+    assert model.text_encoder is None and "text_encoder" not in model.metadata
+
+
+# ----------------------------------------------------------------------------------------
+# In-process runs: resume, EMA, frozen networks, latent caching
+# ----------------------------------------------------------------------------------------
+
+def inprocess_argv(assets, work: Path, dataset: str = "shapes", data: Path | None = None, **train) -> list[str]:
+    defaults = dict(total_training_iterations=4, per_gpu_batch_size=2, gradient_accumulation_steps=2,
+                    shapes_num_images=12, checkpoint_iterations=1, checkpoints_total_limit=10, val_generation_freq=100,
+                    cfg_dropout_prob=0.5, ema_decay=0.9)
+    defaults.update(train)
+    text = s2.dataset_conditioning(dataset) == "text"
+    return (tutorial_argv(work, assets["vae"], dataset, data, work / "gens") + unet_sets(assets["clip"], text=text)
+            + train_sets(assets["prompts"], **defaults))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory):
+    """4 optimizer steps of 2 micro-batches (12 images: an epoch boundary inside), a checkpoint every step."""
+    work = tmp_path_factory.mktemp("uninterrupted")
+    return s2.main(inprocess_argv(assets, work)), work
+
+
+def test_resume_equals_uninterrupted_bit_for_bit(assets, uninterrupted, tmp_path):
+    _, full_work = uninterrupted
+    argv = inprocess_argv(assets, tmp_path)
+    stopped = s2.main(argv + ["--stop_after_steps", "2"])
+    assert stopped.step == 2 and stopped.export_path is None and not (tmp_path / "model.safetensors").exists()
+    assert json.loads((tmp_path / "DiffusionTrainer/checkpoint_2/trainer_state.json").read_text()) == \
+        {"step": 2, "epoch": 0, "batch_in_epoch": 4}
+    resumed = s2.main(argv + ["--resume_from_checkpoint", "latest"])
+    assert resumed.step == 4
+    full = load_file(str(full_work / "model.safetensors"))
+    again = load_file(str(tmp_path / "model.safetensors"))
+    assert full.keys() == again.keys()
+    assert all(torch.equal(full[k], again[k]) for k in full)
+    # The loss curve of the resumed run continues the same numbers.
+    lines = lambda w: [json.loads(x)["loss"] for x in (w / "DiffusionTrainer/metrics.jsonl").read_text().splitlines()]
+    assert lines(tmp_path) == lines(full_work)
+
+
+def test_ema_follows_its_formula_in_the_trainer(uninterrupted):
+    _, work = uninterrupted
+    run = work / "DiffusionTrainer"
+    ema = {s: torch.load(run / f"checkpoint_{s}" / "custom_checkpoint_1.pkl", weights_only=False) for s in (2, 3)}
+    weights3 = load_file(str(run / "checkpoint_3" / "model.safetensors"))
+    assert ema[2]["num_updates"] == 2 and ema[3]["num_updates"] == 3
+    d = min(0.9, (1 + 2) / (10 + 2))  # warm-up decay of the third update
+    for name, value in ema[3]["model"].items():
+        expected = d * ema[2]["model"][name] + (1 - d) * weights3[name]
+        assert torch.allclose(value, expected, atol=1e-7), name
+    assert not torch.equal(ema[3]["model"]["conv_in.weight"], weights3["conv_in.weight"])
+
+
+def test_frozen_vae_and_text_encoder_do_not_change(assets, uninterrupted):
+    result, _ = uninterrupted
+    assert not result.vae.training and not any(p.requires_grad for p in result.vae.parameters())
+    assert not result.text_encoder.model.training
+    assert not any(p.requires_grad for p in result.text_encoder.parameters())
+    for live, source in ((result.vae.state_dict(), load_file(str(assets["vae"]))),
+                         (result.text_encoder.model.state_dict(), load_file(str(assets["clip"] / "model.safetensors")))):
+        assert all(torch.equal(live[k].cpu(), v) for k, v in source.items())
+    # ... while the UNet did learn (its output conv starts at zero).
+    assert result.unet.conv_out.weight.abs().sum() > 0
+
+
+def test_unconditional_latent_cache_trains_like_encoding_on_the_fly(assets, tmp_path):
+    common = dict(dataset="celebahq", data=assets["root"] / "faces", total_training_iterations=3, cfg_dropout_prob=0.0,
+                  checkpoint_iterations=100)
+    on_the_fly = s2.main(inprocess_argv(assets, tmp_path / "a", **common))
+    cached = s2.main(inprocess_argv(assets, tmp_path / "b", cache_latents="true", **common))
+    cache = tmp_path / "b/DiffusionTrainer/latent_cache"
+    assert sorted(p.name for p in cache.iterdir()) == ["meta.json", "moments.npy"]
+    moments = np.load(cache / "moments.npy")
+    assert moments.shape == (8, 2, 2, 4, 8, 8)  # images, (original, mirror), (mean, std), C, h, w
+    assert np.all(moments[:, :, 1] > 0)  # a KL posterior: std stored, each epoch draws a fresh latent
+    loss = lambda r: [json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert loss(cached) == pytest.approx(loss(on_the_fly), rel=1e-4)
+    a, b = load_file(str(on_the_fly.export_path)), load_file(str(cached.export_path))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    meta = load_ldm_export(cached.export_path).metadata
+    assert meta["conditioning"] == "none" and "text_encoder" not in meta
+
+
+def test_cached_and_on_the_fly_flips_agree(assets, tmp_path):
+    """Both paths mirror the same images in the same epochs (flip_decision of seed, epoch, index)."""
+    from modules.image_datasets import build_dataset
+
+    flips = [flip_decision(7, e, i) for e in range(4) for i in range(500)]
+    assert 0.45 < np.mean(flips) < 0.55  # a fair coin
+    assert flips[:500] != flips[500:1000]  # a new draw every epoch
+
+    base = build_dataset("imagenet", assets["root"] / "imagenet", IMG)
+    wrapped = FlipAugmented(base, seed=7)
+    moments = np.zeros((len(base), 2, 2, 1, 1, 1), dtype=np.float32)
+    moments[:, 1] = 1.0  # view 1 (mirror) marked by ones
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    np.save(cache / "moments.npy", moments)
+    np.save(cache / "labels.npy", np.array([base[i]["label"] for i in range(len(base))]))
+    (cache / "meta.json").write_text(json.dumps({"shape": list(moments.shape), "flips": True}))
+    cached = CachedLatentDataset(cache, seed=7, random_flip=True)
+    for epoch in range(3):
+        wrapped.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for i in range(len(base)):
+            plain, item = base[i]["image"], wrapped[i]["image"]
+            mirrored = torch.equal(item, plain.flip(-1)) and not torch.equal(item, plain)
+            assert mirrored == bool(cached[i]["latent_mean"].item()) == flip_decision(7, epoch, i)
+            assert cached[i]["label"] == base[i]["label"]
+
+
+# ----------------------------------------------------------------------------------------
+# Mechanics: classifier-free-guidance dropout, padding
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prob", [0.0, 0.1, 0.5, 1.0])
+def test_cfg_dropout_fraction_matches_probability(prob):
+    n = 200_000
+    mask = s2.cfg_dropout_mask(n, prob, torch.Generator().manual_seed(0))
+    sigma = (prob * (1 - prob) / n) ** 0.5
+    assert abs(mask.float().mean().item() - prob) <= 5 * sigma + 1e-12
+    # Independent draws: no correlation between neighbours.
+    if 0 < prob < 1:
+        x = mask.float()
+        corr = ((x[1:] - prob) * (x[:-1] - prob)).mean().item() / (prob * (1 - prob))
+        assert abs(corr) < 5 / n ** 0.5
+
+
+def test_conditioner_drops_captions_to_the_empty_prompt_and_labels_to_the_null_class(assets):
+    encoder = TextEncoder(assets["clip"])
+    conditioner = s2.Conditioner("text", encoder)
+    captions = SHAPE_PROMPTS * 200
+    drop = s2.cfg_dropout_mask(len(captions), 0.3, torch.Generator().manual_seed(1))
+    cond = conditioner({"caption": captions}, drop, torch.device("cpu"))
+    null_hidden, null_mask = encoder([""])
+    is_null = [torch.equal(m, null_mask[0]) and torch.allclose(h, null_hidden[0], atol=1e-6)
+               for h, m in zip(cond["context"], cond["context_mask"])]
+    assert is_null == drop.tolist()
+    assert abs(np.mean(is_null) - 0.3) < 5 * (0.3 * 0.7 / len(captions)) ** 0.5
+
+    classes = s2.Conditioner("class", null_class=4)
+    labels = torch.arange(400) % 4
+    drop = s2.cfg_dropout_mask(400, 0.25, torch.Generator().manual_seed(2))
+    out = classes({"label": labels}, drop, torch.device("cpu"))["class_labels"]
+    assert torch.equal(out == 4, drop) and torch.equal(out[~drop], labels[~drop])
+
+
+def test_padded_text_tokens_do_not_change_the_unet_output(assets):
+    """Through the trainer's conditioning path: captions, and pre-encoded text with junk in the padding."""
+    encoder = TextEncoder(assets["clip"])
+    config = load_ldm_config(REPO / "configs/ldm.yaml", [a for a in unet_sets(assets["clip"]) if a != "--set"])
+    torch.manual_seed(0)
+    unet = UNet(config.unet).eval()
+    with torch.no_grad():
+        for p in unet.parameters():  # the zero-initialised output convs would hide everything
+            p.add_(0.1 * torch.randn_like(p))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    keep = torch.zeros(2, dtype=torch.bool)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        cond = s2.Conditioner("text", encoder)({"caption": SHAPE_PROMPTS}, keep, cpu)
+        reference = unet(x, t, **cond)
+        mask = cond["context_mask"]
+        assert (~mask).sum() > 0  # there is padding to perturb
+        junk = torch.where(mask[..., None], cond["context"], 100 * torch.randn_like(cond["context"]))
+        pre = s2.Conditioner("text", encoder, use_pre_encoded=True)(
+            {"text_embeddings": junk, "attention_mask": mask.long()}, keep, cpu)
+        assert torch.allclose(unet(x, t, **pre), reference, atol=1e-5)
+        # Fewer padding positions (truncated to the longest caption): the same output too.
+        length = int(mask.sum(1).max())
+        short = s2.Conditioner("text", encoder, use_pre_encoded=True)(
+            {"text_embeddings": cond["context"][:, :length], "attention_mask": mask[:, :length].long()}, keep, cpu)
+        assert torch.allclose(unet(x, t, **short), reference, atol=1e-5)
+        # Without the mask the padding does change it: the test can see a difference.
+        assert not torch.allclose(unet(x, t, context=junk), reference, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------
+# Bad inputs: one line, exit code 2
+# ----------------------------------------------------------------------------------------
+
+def one_line_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        run_main(s2.main, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0] and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_bad_inputs_are_one_line_errors(assets, tmp_path, capsys):
+    clip = assets["clip"]
+    base = lambda vae, dataset, data, text=False: (
+        tutorial_argv(tmp_path / "w", vae, dataset, data, tmp_path / "g") + unet_sets(clip, text=text)
+        + train_sets(assets["prompts"]))
+    msg = one_line_error(base(assets["vae"], "celebahq", assets["root"] / "empty"), capsys)
+    assert "no images in" in msg and "empty" in msg
+    msg = one_line_error(base(assets["vae_3ch"], "celebahq", assets["root"] / "faces"), capsys)
+    assert "3 latent channels" in msg and "unet.in_channels 4" in msg
+    msg = one_line_error(base(assets["vae_unscaled"], "celebahq", assets["root"] / "faces"), capsys)
+    assert "no latent scale factor for dataset 'celebahq'" in msg and "compute_vae_scaling.py" in msg
+    msg = one_line_error(base(assets["vae"], "celebahq", assets["root"] / "faces")
+                         + ["--set", "diffusion.prediction_type=x0"], capsys)
+    assert "diffusion.prediction_type" in msg and "'epsilon', 'v_prediction', 'sample'" in msg and "'x0'" in msg
+    msg = one_line_error(base(assets["vae"], "shapes", None, text=False), capsys)
+    assert "text-conditional" in msg and "unet.text_conditioning=true" in msg
+    msg = one_line_error(base(assets["vae"], "shapes", None, text=True) + ["--set", "unet.text_embed_dim=48"], capsys)
+    assert "hidden size 32" in msg and "unet.text_embed_dim 48" in msg
+    msg = one_line_error(base(assets["vae"], "laion", None), capsys)
+    assert "unknown dataset 'laion'" in msg and "conceptual_captions" in msg
+    msg = one_line_error(base(assets["vae"], "celebahq", assets["root"] / "faces")
+                         + ["--set", "training_args.sample_prompt_file=x"], capsys)
+    assert "unknown key 'sample_prompt_file'" in msg
+
+
+def test_cli_error_has_no_traceback(assets, tmp_path):
+    argv = tutorial_argv(tmp_path, assets["vae"], "celebahq", assets["root"] / "empty", tmp_path / "g")
+    result = subprocess.run([sys.executable, "stage2_diffusion_trainer.py", *argv, *unet_sets(assets["clip"], text=False)],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no images in")

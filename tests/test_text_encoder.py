@@ -1,0 +1,172 @@
+"""The text encoder: a tiny CLIP built offline, loaded like the real one, frozen or trainable."""
+import hashlib
+
+import pytest
+import torch
+from transformers import AutoTokenizer, CLIPTokenizer
+
+from modules.clip_vocab import bytes_to_unicode, clip_words, learn_bpe
+from modules.errors import UserError
+from modules.text_encoder import TextEncoder, build_tiny_clip
+
+CAPTIONS = [
+    "a red circle on a blue background",
+    "a green triangle on a white background",
+    "A Purple SQUARE on an orange background.",
+    "abab bab aaa: 42 café's",  # overlapping pairs, digits, punctuation, non-ASCII, a contraction
+]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), CAPTIONS, hidden_size=32, layers=2, heads=2)
+
+
+@pytest.fixture(scope="module")
+def encoder(clip_dir):
+    return TextEncoder(clip_dir, local_files_only=True)
+
+
+def test_bytes_to_unicode_is_a_printable_bijection():
+    table = bytes_to_unicode()
+    assert sorted(table) == list(range(256))
+    assert len(set(table.values())) == 256
+    assert table[ord("a")] == "a" and table[ord(" ")] == "\u0120"  # GPT-2's "Ġ"
+    assert not any(ch.isspace() for ch in table.values())
+
+
+def test_tiny_clip_folder_holds_a_real_clip_tokenizer(clip_dir, encoder):
+    names = {p.name for p in clip_dir.iterdir()}
+    assert {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "config.json",
+            "model.safetensors"} <= names
+    assert isinstance(encoder.tokenizer, CLIPTokenizer)
+    assert isinstance(AutoTokenizer.from_pretrained(clip_dir), CLIPTokenizer)
+    # The classic files alone are enough too (the tokenizer.json-free layout of older repos).
+    slow_dir = clip_dir.parent / "vocab_only"
+    slow_dir.mkdir(exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        (slow_dir / name).write_bytes((clip_dir / name).read_bytes())
+    from_files = CLIPTokenizer.from_pretrained(slow_dir)
+    assert from_files("a red circle")["input_ids"] == encoder.tokenizer("a red circle")["input_ids"]
+    config = encoder.model.config
+    tok = encoder.tokenizer
+    assert config.vocab_size == len(tok)
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
+        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    assert tok.convert_ids_to_tokens([tok.bos_token_id, tok.eos_token_id]) == ["<|startoftext|>", "<|endoftext|>"]
+    assert encoder.max_length == 77 and encoder.hidden_size == 32
+
+
+def test_every_caption_word_is_one_token(encoder):
+    tok = encoder.tokenizer
+    words = clip_words(CAPTIONS)
+    assert {"red", "background", "abab", "bab", "aaa", "4", "2", "'s", ":", "."} <= set(words)
+    assert "caf\u00c3\u00a9" in words  # "café" in the byte-unicode alphabet
+    to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
+    for word in words:
+        text = bytes(to_byte[ch] for ch in word).decode("utf-8")
+        pieces = tok.tokenize(text)
+        assert pieces == [word + "</w>"], (text, pieces)
+    ids = tok("a purple square on an orange background")["input_ids"]
+    assert len(ids) == 2 + 7  # start + 7 words + end
+    assert tok.decode(ids, skip_special_tokens=True) == "a purple square on an orange background"
+    # Unseen text still tokenizes, byte by byte, without unknown tokens.
+    unseen = tok.tokenize("zebra")
+    assert "".join(unseen) == "zebra</w>" and len(unseen) > 1
+
+
+def test_learn_bpe_is_deterministic_and_clip_ordered():
+    first, second = learn_bpe(CAPTIONS), learn_bpe(list(CAPTIONS))
+    assert first == second
+    vocab = first.vocab
+    assert list(vocab)[:256] == list(bytes_to_unicode().values())
+    assert list(vocab)[256] == list(bytes_to_unicode().values())[0] + "</w>"
+    assert list(vocab)[-2:] == ["<|startoftext|>", "<|endoftext|>"]
+    assert sorted(vocab.values()) == list(range(len(vocab)))
+
+
+def test_build_is_deterministic_given_the_seed(tmp_path):
+    def digest(folder):
+        return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+    state = torch.random.get_rng_state()
+    a = build_tiny_clip(tmp_path / "a", CAPTIONS, seed=7)
+    b = build_tiny_clip(tmp_path / "b", CAPTIONS, seed=7)
+    c = build_tiny_clip(tmp_path / "c", CAPTIONS, seed=8)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
+    assert digest(a) == digest(b) != digest(c)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        assert (a / name).read_bytes() == (c / name).read_bytes()
+
+
+def test_tokenize_pads_truncates_and_counts(encoder):
+    long_caption = " ".join(["red"] * 100)
+    tokens = encoder.tokenize(["a red circle", long_caption, ""])
+    tok = encoder.tokenizer
+    assert tokens.input_ids.shape == (3, 77) and tokens.attention_mask.shape == (3, 77)
+    assert tokens.num_truncated == 1
+    assert tokens.attention_mask.sum(dim=1).tolist() == [5, 77, 2]
+    assert tokens.input_ids[1, -1].item() == tok.eos_token_id  # truncation keeps the end token
+    assert tokens.input_ids[0, 4].item() == tok.eos_token_id
+    assert (tokens.input_ids[0, 5:] == tok.pad_token_id).all()
+    assert encoder.tokenize(["a red circle"]).num_truncated == 0
+
+
+def test_encode_shapes_mask_and_padding_independence(encoder):
+    hidden, mask = encoder(["a red circle", "a green triangle on a white background"])
+    assert hidden.shape == (2, 77, 32) and mask.dtype == torch.bool
+    assert mask.sum(dim=1).tolist() == [5, 9]
+    # Causal attention: the real tokens of a caption do not depend on the padding or the batch.
+    alone, _ = encoder(["a red circle"])
+    torch.testing.assert_close(hidden[0, :5], alone[0, :5], atol=1e-5, rtol=1e-5)
+    null, null_mask = encoder.null_condition(3)
+    assert null.shape == (3, 77, 32) and null_mask.sum(dim=1).tolist() == [2, 2, 2]
+    torch.testing.assert_close(null[0], encoder([""])[0][0])
+
+
+def test_frozen_encoder_has_no_gradients_and_does_not_change(clip_dir):
+    encoder = TextEncoder(clip_dir, local_files_only=True)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    assert not any(p.requires_grad for p in encoder.parameters())
+    encoder.train()
+    assert not encoder.model.training  # stays in eval mode
+    probe = torch.nn.Linear(32, 1)
+    optimizer = torch.optim.SGD(list(probe.parameters()) + list(encoder.parameters()), lr=1.0)
+    hidden, _ = encoder(["a red circle on a blue background"])
+    assert hidden.grad_fn is None
+    probe(hidden).sum().backward()
+    optimizer.step()
+    assert all(p.grad is None for p in encoder.parameters())
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_trainable_encoder_gets_gradients_and_bfloat16_cast(clip_dir):
+    trainable = TextEncoder(clip_dir, local_files_only=True, trainable=True)
+    hidden, _ = trainable(["a red circle"])
+    hidden.sum().backward()
+    grads = [p.grad for p in trainable.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    half = TextEncoder(clip_dir, local_files_only=True, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    assert half(["a red circle"])[0].dtype == torch.bfloat16
+
+
+def test_pre_encoded_hidden_states_pass_through(encoder):
+    hidden, mask = encoder(["a red circle"])
+    got_hidden, got_mask = encoder.pre_encoded(hidden, mask.long())
+    assert torch.equal(got_hidden, hidden) and got_mask.dtype == torch.bool and torch.equal(got_mask, mask)
+    with pytest.raises(UserError, match=r"expected \(B, L, 32\)"):
+        encoder.pre_encoded(torch.zeros(1, 77, 768))
+    with pytest.raises(UserError, match="mask has shape"):
+        encoder.pre_encoded(hidden, torch.ones(1, 10))
+
+
+def test_missing_model_is_a_user_error_naming_it(tmp_path):
+    with pytest.raises(UserError, match=r"'openai/clip-vit-large-patch14' is not in the Hugging Face cache .*no network"):
+        TextEncoder("openai/clip-vit-large-patch14", cache_dir=tmp_path / "cache", local_files_only=True)
+    with pytest.raises(UserError, match="does not exist"):
+        TextEncoder(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="does not hold a CLIP"):
+        TextEncoder(tmp_path / "empty")
