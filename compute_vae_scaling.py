@@ -47,7 +47,7 @@ from torch.utils.data import Dataset, Subset
 
 from modules.autoencoder import VQModel
 from modules.cli import run_main
-from modules.config import dump_yaml, load_yaml, parse_yaml_text
+from modules.config import dump_yaml, find_config_file, load_yaml, parse_yaml_text
 from modules.errors import UserError
 from modules.image_datasets import build_dataset, dataset_conditioning
 from modules.model_config import ldm_config_from_dict, load_ldm_config
@@ -84,14 +84,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--num_workers must be >= 0, got {args.num_workers}")
     return args
 
-
-def resolve_config_path(path: str) -> Path:
-    """``path`` as given, or, when relative and absent from the working directory, inside the repository."""
-    given = Path(path)
-    if given.exists() or given.is_absolute():
-        return given
-    beside = REPO_ROOT / given
-    return beside if beside.exists() else given
 
 
 # ----------------------------------------------------------------------------------------
@@ -233,7 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     # -- config -----------------------------------------------------------------------
     dataset_conditioning(args.dataset)  # unknown names fail here, listing the known ones
     weights = Path(args.path_to_pretrained_weights)
-    model_config_path = resolve_config_path(args.model_config)
+    model_config_path = find_config_file(args.model_config, REPO_ROOT)
     # The export's own config describes its network; a weights file without one (a bare state
     # dict) is read with the model config's vae: section, and must fit it.
     fallback_vae = None

@@ -68,7 +68,7 @@ from torch import nn
 
 from modules.autoencoder import VQModel, build_autoencoder
 from modules.cli import run_main
-from modules.config import load_config, load_yaml, to_dict
+from modules.config import find_config_file, load_config, load_yaml, to_dict
 from modules.discriminator import DiscriminatorConfig, NLayerDiscriminator, convert_to_sync_batchnorm
 from modules.ema import EMA
 from modules.errors import UserError
@@ -78,7 +78,6 @@ from modules.model_config import LDMConfig, ldm_config_from_dict, split_override
 from modules.training import (
     CheckpointManager,
     MetricsLogger,
-    TrainerState,
     add_common_training_args,
     build_accelerator,
     build_dataloader,
@@ -219,22 +218,13 @@ class Stage1Config:
     vae: Dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_config_path(path: str) -> Path:
-    """``path`` as given, or, when relative and absent from the working directory, inside the repository
-    (so the default configs/ldm.yaml is found from any folder)."""
-    given = Path(path)
-    if given.exists() or given.is_absolute():
-        return given
-    beside = REPO_ROOT / given
-    return beside if beside.exists() else given
-
 
 def load_configs(args: argparse.Namespace) -> tuple[Stage1Config, LDMConfig]:
     """The training config and the model config with the training YAML's vae: overrides and --set applied."""
     model_overrides, training_overrides = split_overrides(args.overrides)
-    training_path = resolve_config_path(args.training_config)
+    training_path = find_config_file(args.training_config, REPO_ROOT)
     config = load_config(Stage1Config, training_path, training_overrides)
-    model_path = resolve_config_path(args.model_config)
+    model_path = find_config_file(args.model_config, REPO_ROOT)
     raw = load_yaml(model_path)
     source = str(model_path)
     if config.vae:

@@ -377,6 +377,93 @@ def save_sample_grid(pipeline: LatentDiffusion, args: Stage2TrainingArgs, condit
 
 
 # ----------------------------------------------------------------------------------------
+# Building blocks of main()
+# ----------------------------------------------------------------------------------------
+
+class FrozenVAE(NamedTuple):
+    """The frozen first stage, ready for training, and what the export needs of it."""
+
+    model: torch.nn.Module
+    config: Any  # VAEConfig
+    scaling_factor: float
+    shift_factor: float
+    img_size: int
+    export_state: Dict[str, torch.Tensor]  # float32 weights as loaded (the live copy may be bf16/fp16)
+
+
+def load_frozen_vae(vae_path: Path, ldm, dataset: str, model_config_path: Path, img_size: Optional[int],
+                    device: torch.device, weight_dtype: torch.dtype) -> FrozenVAE:
+    """Load ``--path_to_vae_backbone``, check it against the UNet, find the latent scale, freeze it.
+
+    Its architecture comes with its weights (export metadata, diffusers config.json); only a bare
+    weights file without a config falls back to the model config's ``vae:`` section.
+    """
+    from modules.vae_io import load_vae
+
+    fallback = ldm.vae if vae_path.is_file() and "config" not in read_export_metadata(vae_path) else None
+    vae, vae_config, metadata = load_vae(vae_path, fallback)
+    if vae.latent_channels != ldm.unet.in_channels or vae.latent_channels != ldm.unet.out_channels:
+        raise UserError(
+            f"{vae_path} has {vae.latent_channels} latent channels but {model_config_path} has unet.in_channels "
+            f"{ldm.unet.in_channels} and unet.out_channels {ldm.unet.out_channels}; they must be equal")
+    scaling_factor = scale_factor_for(ldm, dataset, metadata, str(model_config_path), str(vae_path))
+    shift_factor = float(metadata.get("shift_factor") or getattr(vae, "shift_factor", None) or 0.0)
+    size = img_size or vae_config.img_size
+    if size % vae.downsample_factor != 0:
+        raise UserError(f"training_args.img_size {size} is not a multiple of the VAE's downsampling factor "
+                        f"{vae.downsample_factor}")
+    export_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+    vae.to(device=device, dtype=weight_dtype).eval().requires_grad_(False)
+    logger.info("VAE %s: %d latent channels, factor %d; latent scale %.6g (shift %.4g); training at %dpx",
+                vae_path, vae.latent_channels, vae.downsample_factor, scaling_factor, shift_factor, size)
+    return FrozenVAE(vae, vae_config, scaling_factor, shift_factor, size, export_state)
+
+
+def load_text_encoder(ldm, train_cfg: Stage2TrainingArgs, model_config_path: Path, device: torch.device,
+                      weight_dtype: torch.dtype):
+    """The CLIP text encoder named by ``unet.text_conditioning_hf_model``: trainable (float32, prepared
+    later) or frozen (eval, no grad, in the mixed-precision dtype). Returns (encoder, float32 weights
+    kept for the export when it is frozen from a local folder, else None)."""
+    from modules.text_encoder import TextEncoder
+
+    source = ldm.unet.text_conditioning_hf_model
+    encoder = TextEncoder(source, cache_dir=train_cfg.hf_cache_dir, trainable=train_cfg.train_text_encoder)
+    if encoder.hidden_size != ldm.unet.text_embed_dim:
+        raise UserError(f"the text encoder {source!r} has hidden size {encoder.hidden_size} but "
+                        f"{model_config_path} has unet.text_embed_dim {ldm.unet.text_embed_dim}; they must be equal")
+    export_state = None
+    if not train_cfg.train_text_encoder:
+        if Path(source).expanduser().is_dir():
+            export_state = {k: v.detach().clone() for k, v in encoder.model.state_dict().items()}
+        encoder.to(device=device, dtype=weight_dtype).eval().requires_grad_(False)
+    return encoder, export_state
+
+
+def build_train_set(args: argparse.Namespace, train_cfg: Stage2TrainingArgs, base_dataset, vae: FrozenVAE,
+                    accelerator, run_dir: Path, seed: int):
+    """What the loader serves: cached latent moments (``cache_latents``) or images, flips by (seed, epoch, index)."""
+    if not train_cfg.cache_latents:
+        return FlipAugmented(base_dataset, seed, enabled=train_cfg.random_flip)
+    cache_dir = Path(train_cfg.latent_cache_dir) if train_cfg.latent_cache_dir else run_dir / "latent_cache"
+    model = vae.model
+    fingerprint = {  # everything that changes the cached numbers
+        "dataset": args.dataset,
+        "path": str(Path(args.path_to_dataset).resolve()) if args.path_to_dataset else None,
+        "shapes": [train_cfg.shapes_num_images, train_cfg.shapes_seed] if args.path_to_dataset is None else None,
+        "num_samples": len(base_dataset), "img_size": vae.img_size, "flips": train_cfg.random_flip,
+        "vae": vae_fingerprint(model), "encode_dtype": str(next(model.parameters()).dtype),
+        "dtype": train_cfg.latent_cache_dtype,
+    }
+    started = time.perf_counter()
+    side = vae.img_size // model.downsample_factor
+    build_latent_cache(accelerator, base_dataset, model, cache_dir, fingerprint, (model.latent_channels, side, side),
+                       flips=train_cfg.random_flip, cache_dtype=train_cfg.latent_cache_dtype,
+                       batch_size=train_cfg.per_gpu_batch_size, num_workers=train_cfg.num_workers)
+    logger.info("latent cache ready in %.1fs", time.perf_counter() - started)
+    return CachedLatentDataset(cache_dir, seed, train_cfg.random_flip)
+
+
+# ----------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------
 
@@ -420,48 +507,16 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
                                     log_wandb, run_dir)
     device = accelerator.device
     weight_dtype = _weight_dtype(accelerator.mixed_precision)
+    checkpoints = CheckpointManager(accelerator, run_dir, total_limit=train_cfg.checkpoints_total_limit)
+    if args.resume_from_checkpoint is None:
+        checkpoints.check_fresh_start()  # before any slow work
 
     # -- models -------------------------------------------------------------------------
-    # The frozen VAE: its architecture comes with its weights (export metadata / diffusers config.json).
-    from modules.vae_io import load_vae
-
-    vae_path = Path(args.path_to_vae_backbone)
-    fallback_vae_config = None
-    if vae_path.is_file() and "config" not in read_export_metadata(vae_path):
-        fallback_vae_config = ldm.vae  # a bare weights file: the model config's vae: section describes it
-    vae, vae_config, vae_metadata = load_vae(vae_path, fallback_vae_config)
-    if vae.latent_channels != ldm.unet.in_channels or vae.latent_channels != ldm.unet.out_channels:
-        raise UserError(
-            f"{vae_path} has {vae.latent_channels} latent channels but {model_config_path} has unet.in_channels "
-            f"{ldm.unet.in_channels} and unet.out_channels {ldm.unet.out_channels}; they must be equal")
-    scaling_factor = scale_factor_for(ldm, args.dataset, vae_metadata, str(model_config_path), str(vae_path))
-    shift_factor = float(vae_metadata.get("shift_factor") or getattr(vae, "shift_factor", None) or 0.0)
-    img_size = train_cfg.img_size or vae_config.img_size
-    if img_size % vae.downsample_factor != 0:
-        raise UserError(f"training_args.img_size {img_size} is not a multiple of the VAE's downsampling factor "
-                        f"{vae.downsample_factor}")
-    vae_export_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}  # fp32 master for the export
-    vae.to(device=device, dtype=weight_dtype).eval().requires_grad_(False)
-    logger.info("VAE %s: %d latent channels, factor %d; latent scale %.6g (shift %.4g); training at %dpx",
-                vae_path, vae.latent_channels, vae.downsample_factor, scaling_factor, shift_factor, img_size)
-
-    text_encoder = None
-    text_encoder_state = None
-    text_source = ldm.unet.text_conditioning_hf_model
-    text_is_local = Path(text_source).expanduser().is_dir()
+    vae = load_frozen_vae(Path(args.path_to_vae_backbone), ldm, args.dataset, model_config_path, train_cfg.img_size,
+                          device, weight_dtype)
+    text_encoder, text_encoder_state = None, None
     if conditioning == "text":
-        from modules.text_encoder import TextEncoder
-
-        text_encoder = TextEncoder(text_source, cache_dir=train_cfg.hf_cache_dir,
-                                   trainable=train_cfg.train_text_encoder)
-        if text_encoder.hidden_size != ldm.unet.text_embed_dim:
-            raise UserError(f"the text encoder {text_source!r} has hidden size {text_encoder.hidden_size} but "
-                            f"{model_config_path} has unet.text_embed_dim {ldm.unet.text_embed_dim}; they must be equal")
-        if not train_cfg.train_text_encoder:
-            if text_is_local:  # embedded in the export: keep float32 weights before casting
-                text_encoder_state = {k: v.detach().clone() for k, v in text_encoder.model.state_dict().items()}
-            text_encoder.to(device=device, dtype=weight_dtype).eval().requires_grad_(False)
-
+        text_encoder, text_encoder_state = load_text_encoder(ldm, train_cfg, model_config_path, device, weight_dtype)
     unet = UNet(ldm.unet)
     logger.info("UNet: %.2fM parameters, %s conditioning, predicts %s", sum(p.numel() for p in unet.parameters()) / 1e6,
                 conditioning, ldm.diffusion.prediction_type)
@@ -483,16 +538,14 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
                                    train_cfg.total_training_iterations)
 
     # -- data ---------------------------------------------------------------------------
-    base_dataset = build_dataset(args.dataset, args.path_to_dataset, img_size, crop="center", random_flip=False,
+    base_dataset = build_dataset(args.dataset, args.path_to_dataset, vae.img_size, crop="center", random_flip=False,
                                  shapes_num_images=train_cfg.shapes_num_images, shapes_seed=train_cfg.shapes_seed)
     class_names = None
-    null_class = None
     if conditioning == "class":
         class_names = list(base_dataset.classes)
         if len(class_names) > ldm.unet.num_classes:
             raise UserError(f"{args.path_to_dataset} has {len(class_names)} classes but unet.num_classes is "
                             f"{ldm.unet.num_classes} in {model_config_path}")
-        null_class = unet.null_class_label
     has_pre_encoded = "text_embeddings" in getattr(base_dataset, "array_columns", ())
     if ldm.unet.pre_encoded_text and not has_pre_encoded:
         raise UserError(f"unet.pre_encoded_text is true in {model_config_path} but {args.path_to_dataset} has no "
@@ -501,28 +554,11 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         and not train_cfg.cache_latents
     if use_pre_encoded:
         logger.info("using the dataset's pre-encoded text (column text_embeddings)")
-        warn_if_other_text_encoder(Path(args.path_to_dataset), text_source)
-    if has_pre_encoded and not use_pre_encoded:
+        warn_if_other_text_encoder(Path(args.path_to_dataset), ldm.unet.text_conditioning_hf_model)
+    elif has_pre_encoded:
         logger.info("the dataset's pre-encoded text is not used (%s); captions are encoded on the fly",
                     "the text encoder is trained" if train_cfg.train_text_encoder else "latents are cached")
-    if train_cfg.cache_latents:
-        cache_dir = Path(train_cfg.latent_cache_dir) if train_cfg.latent_cache_dir else run_dir / "latent_cache"
-        fingerprint = {
-            "dataset": args.dataset,
-            "path": str(Path(args.path_to_dataset).resolve()) if args.path_to_dataset else None,
-            "shapes": [train_cfg.shapes_num_images, train_cfg.shapes_seed] if args.path_to_dataset is None else None,
-            "num_samples": len(base_dataset), "img_size": img_size, "flips": train_cfg.random_flip,
-            "vae": vae_fingerprint(vae), "encode_dtype": str(weight_dtype), "dtype": train_cfg.latent_cache_dtype,
-        }
-        started = time.perf_counter()
-        build_latent_cache(accelerator, base_dataset, vae, cache_dir, fingerprint,
-                           (vae.latent_channels, img_size // vae.downsample_factor, img_size // vae.downsample_factor),
-                           flips=train_cfg.random_flip, cache_dtype=train_cfg.latent_cache_dtype,
-                           batch_size=train_cfg.per_gpu_batch_size, num_workers=train_cfg.num_workers)
-        logger.info("latent cache ready in %.1fs", time.perf_counter() - started)
-        train_set = CachedLatentDataset(cache_dir, seed, train_cfg.random_flip)
-    else:
-        train_set = FlipAugmented(base_dataset, seed, enabled=train_cfg.random_flip)
+    train_set = build_train_set(args, train_cfg, base_dataset, vae, accelerator, run_dir, seed)
     loader = build_dataloader(train_set, train_cfg.per_gpu_batch_size, shuffle=True, num_workers=train_cfg.num_workers,
                               drop_last=True, seed=seed)
     validation = validation_conditions(conditioning, train_cfg, len(class_names) if class_names else 0)
@@ -538,15 +574,13 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     if len(loader) == 0:
         raise UserError(f"{len(train_set)} training images give no full batch of per_gpu_batch_size "
                         f"{train_cfg.per_gpu_batch_size} on {accelerator.num_processes} process(es); lower it")
-    conditioner = Conditioner(conditioning, text_encoder, use_pre_encoded, null_class)
+    conditioner = Conditioner(conditioning, text_encoder, use_pre_encoded,
+                              accelerator.unwrap_model(unet).null_class_label if conditioning == "class" else None)
 
     # -- resume -------------------------------------------------------------------------
-    checkpoints = CheckpointManager(accelerator, run_dir, total_limit=train_cfg.checkpoints_total_limit)
-    if args.resume_from_checkpoint is None:
-        checkpoints.check_fresh_start()
     seed_per_process(accelerator, seed)  # noise/timesteps differ per rank; a resume restores these RNGs
     state = checkpoints.resume(args.resume_from_checkpoint)
-    run_config = {"training_args": to_dict(train_cfg), "model": to_dict(dataclasses.replace(ldm, vae=vae_config)),
+    run_config = {"training_args": to_dict(train_cfg), "model": to_dict(dataclasses.replace(ldm, vae=vae.config)),
                   "args": vars(args)}
     write_resolved_config(accelerator, run_dir, run_config)
     metrics_log = MetricsLogger(accelerator, run_dir, log_wandb, args.experiment_name, args.wandb_run_name, run_config)
@@ -562,10 +596,10 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
 
     def sample_pipeline() -> LatentDiffusion:
         return LatentDiffusion(
-            unet=ema.model if ema is not None else accelerator.unwrap_model(unet), vae=vae,
+            unet=ema.model if ema is not None else accelerator.unwrap_model(unet), vae=vae.model,
             text_encoder=accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
-            config=ldm, scaling_factor=scaling_factor, shift_factor=shift_factor, conditioning=conditioning,
-            img_size=img_size, class_names=class_names)
+            config=ldm, scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor, conditioning=conditioning,
+            img_size=vae.img_size, class_names=class_names)
 
     def write_samples(step: int) -> None:
         if accelerator.is_main_process:
@@ -599,7 +633,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
             state.batch_in_epoch += 1
             with accelerator.accumulate(*trained):
                 with accelerator.autocast():
-                    latents = batch_latents(batch, vae, scaling_factor, shift_factor, device)
+                    latents = batch_latents(batch, vae.model, vae.scaling_factor, vae.shift_factor, device)
                     drop = cfg_dropout_mask(latents.shape[0], train_cfg.cfg_dropout_prob)
                     cond = conditioner(batch, drop, device)
                     loss, logs = denoising_loss(unet, latents, cond, schedule, prediction_type, train_cfg)
@@ -608,7 +642,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
                     grad_norm = accelerator.clip_grad_norm_(parameters, train_cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window.append(float(logs["loss"]))
+            window.append(logs["loss"])  # detached; read at logging time (no device sync per batch)
             if not accelerator.sync_gradients:
                 continue
 
@@ -622,11 +656,10 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
             now = time.perf_counter()
             timed_steps, timed_seconds, tick = timed_steps + 1, timed_seconds + (now - tick), now
             bar.update(1)
-            bar.set_postfix(loss=f"{window[-1]:.4f}", epoch=state.epoch)
             finished = state.step >= total
             stop = bool(args.stop_after_steps) and steps_this_run >= args.stop_after_steps and not finished
             if state.step % train_cfg.logging_steps == 0 or finished:
-                means = gather_mean(accelerator, {"loss": sum(window) / len(window)})
+                means = gather_mean(accelerator, {"loss": torch.stack(window).float().mean()})
                 means["lr"] = step_lr
                 means["epoch"] = state.epoch
                 if grad_norm is not None:
@@ -635,6 +668,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
                     accelerator.num_processes
                 means["images_per_second"] = images_per_step * timed_steps / max(timed_seconds, 1e-9)
                 metrics_log.log(means, state.step)
+                bar.set_postfix(loss=f"{means['loss']:.4f}", epoch=state.epoch)
                 window, timed_steps, timed_seconds = [], 0, 0.0
             if state.step % train_cfg.checkpoint_iterations == 0 or finished or stop:
                 checkpoints.save(state)
@@ -653,7 +687,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         logger.info("stopped after %d steps (--stop_after_steps); continue with --resume_from_checkpoint latest",
                     steps_this_run)
         metrics_log.finish()
-        return TrainResult(state.step, None, run_dir, unet, ema, vae, text_encoder)
+        return TrainResult(state.step, None, run_dir, unet, ema, vae.model, text_encoder)
 
     # -- export -------------------------------------------------------------------------
     if accelerator.is_main_process:
@@ -661,20 +695,22 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         unet_state = {k: v.detach().float().cpu() for k, v in unet_source.state_dict().items()}
         text_payload = None
         if text_encoder is not None:
-            plain_text = accelerator.unwrap_model(text_encoder)
-            embed = train_cfg.train_text_encoder or text_is_local
-            text_payload = text_encoder_export(plain_text, text_source, embed,
-                                               None if train_cfg.train_text_encoder else text_encoder_state)
+            # Embedded (weights + tokenizer) when trained or read from a local folder; a frozen hub model by name.
+            source = ldm.unet.text_conditioning_hf_model
+            embed = train_cfg.train_text_encoder or text_encoder_state is not None
+            text_payload = text_encoder_export(accelerator.unwrap_model(text_encoder), source, embed, text_encoder_state)
         save_ldm_export(
-            export_path, unet_state, vae_export_state, dataclasses.replace(ldm, vae=vae_config), scaling_factor,
-            shift_factor, conditioning, args.dataset, img_size, text_encoder=text_payload, class_names=class_names,
+            export_path, unet_state, vae.export_state, dataclasses.replace(ldm, vae=vae.config), vae.scaling_factor,
+            vae.shift_factor, conditioning, args.dataset, vae.img_size, text_encoder=text_payload,
+            class_names=class_names,
             metadata={"training_config": to_dict(train_cfg), "step": state.step, "ema": ema is not None,
-                      "vae_source": str(vae_path), "producer": describe_run("stage2_diffusion_trainer.py", argv)})
+                      "vae_source": args.path_to_vae_backbone,
+                      "producer": describe_run("stage2_diffusion_trainer.py", argv)})
         logger.info("wrote %s (step %d)", export_path, state.step)
         metrics_log.plot(["loss", "lr", "grad_norm"])
     metrics_log.finish()
     accelerator.wait_for_everyone()
-    return TrainResult(state.step, export_path, run_dir, unet, ema, vae, text_encoder)
+    return TrainResult(state.step, export_path, run_dir, unet, ema, vae.model, text_encoder)
 
 
 if __name__ == "__main__":

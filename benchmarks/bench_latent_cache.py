@@ -41,6 +41,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--num_images", type=int, default=256, help="images in the dataset (the cache encodes all)")
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--mixed_precision", default="no", choices=("no", "bf16", "fp16", "auto"))
+    p.add_argument("--threads", type=int, default=0,
+                   help="OMP_NUM_THREADS of the runs (0: library default); 1 is steadiest on a shared machine")
+    p.add_argument("--repeats", type=int, default=2, help="runs per mode, alternating; the median window counts")
     p.add_argument("--work_dir", default=None, help="keep the runs here (default: a temporary folder)")
     return p.parse_args(argv)
 
@@ -67,9 +70,9 @@ def prepare(root: Path, args: argparse.Namespace) -> Dict[str, Path]:
     return {"data": data, "vae": vae, "clip": clip}
 
 
-def run(root: Path, assets: Dict[str, Path], args: argparse.Namespace, cache: bool) -> Dict[str, float]:
-    """One trainer run; returns steady images/s and wall times."""
-    name = "cached" if cache else "on_the_fly"
+def run(root: Path, assets: Dict[str, Path], args: argparse.Namespace, cache: bool, repeat: int) -> Dict[str, object]:
+    """One trainer run; returns the images/s of its logging windows (the first dropped) and wall times."""
+    name = f"{'cached' if cache else 'on_the_fly'}_{repeat}"
     channels = args.unet_channels.split(",")
     levels = len(channels)
     sets = {
@@ -93,6 +96,8 @@ def run(root: Path, assets: Dict[str, Path], args: argparse.Namespace, cache: bo
         argv += ["--set", f"{key}={value}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
            "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     started = time.perf_counter()
     result = subprocess.run(argv, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -104,8 +109,7 @@ def run(root: Path, assets: Dict[str, Path], args: argparse.Namespace, cache: bo
     for line in result.stderr.splitlines():
         if "latent cache ready in" in line:
             build = float(line.rsplit("in ", 1)[1].rstrip("s"))
-    return {"images_per_second": statistics.median(rates), "cache_build_s": build, "wall_s": wall,
-            "final_loss": records[-1]["loss"]}
+    return {"rates": rates, "cache_build_s": build, "wall_s": wall}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -116,11 +120,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         root = Path(args.work_dir) if args.work_dir else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         assets = prepare(root, args)
-        results = {cache: run(root, assets, args, cache) for cache in (False, True)}
-    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+        runs: Dict[bool, List[Dict[str, object]]] = {False: [], True: []}
+        for repeat in range(args.repeats):  # alternate, so load changes on the machine hit both alike
+            for cache in (False, True):
+                runs[cache].append(run(root, assets, args, cache, repeat))
+    results = {cache: {"images_per_second": statistics.median([x for r in rs for x in r["rates"]]),
+                       "cache_build_s": statistics.median([r["cache_build_s"] for r in rs]),
+                       "wall_s": statistics.median([r["wall_s"] for r in rs])} for cache, rs in runs.items()}
+    threads = args.threads or torch.get_num_threads()
+    device = "cuda" if torch.cuda.is_available() else f"cpu ({threads} thread{'s' if threads > 1 else ''})"
     print(f"stage-2 step throughput, {device}: {args.num_images} shapes images at {args.img_size}px, "
           f"VAE {args.vae_channels}, UNet {args.unet_channels}, batch {args.batch_size}, {args.steps} steps, "
-          f"{args.num_workers} workers, mixed precision {args.mixed_precision}")
+          f"{args.num_workers} workers, mixed precision {args.mixed_precision}, median of {args.repeats} runs")
     print(f"{'mode':<12} {'images/s':>10} {'ms/step':>10} {'cache build s':>14} {'wall s':>8}")
     for cache, r in results.items():
         ms = 1000 * args.batch_size / r["images_per_second"]

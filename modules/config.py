@@ -279,3 +279,15 @@ def _convert(value: Any, hint: Any, source: str, key: str) -> Any:
     if isinstance(hint, type) and isinstance(value, hint):
         return value
     fail()
+
+
+def find_config_file(path: Union[str, Path], search_root: Union[str, Path]) -> Path:
+    """``path`` as given, or, when it is relative and not in the working directory, under
+    ``search_root`` (a script passes its repository folder), so that shipped defaults such as
+    ``configs/ldm.yaml`` are found from any folder. A path found nowhere comes back as given, for
+    the reader to report."""
+    given = Path(path)
+    if given.is_absolute() or given.exists():
+        return given
+    beside = Path(search_root) / given
+    return beside if beside.exists() else given

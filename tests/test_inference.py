@@ -59,6 +59,15 @@ def _export(path: Path, conditioning: str, clip: Path | None) -> Path:
                            metadata={"step": 0})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks: one thread is fastest, and immune to a busy machine's OpenMP contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference")
@@ -82,8 +91,8 @@ def test_tutorial_command_writes_a_png(exports, tmp_path):
     cmd = [sys.executable, str(REPO / "inference_ldm.py"), "--model_config", "configs/ldm.yaml", "--path_to_weights",
            str(exports["text"]), "--text_conditional", "--training_dataset", "conceptual_captions",
            "--prompt", "A beautiful sunset at the beach"]
-    result = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-                            text=True, timeout=180)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # tiny nets: one thread is fastest
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     written = sorted((tmp_path / "generated").glob("*.png"))
     assert len(written) == 1 and written[0].name.startswith("A_beautiful_sunset_at_the_beach-seed")

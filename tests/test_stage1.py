@@ -241,6 +241,16 @@ def fresh_log_handler():
     ldm_logger.handlers[:] = saved
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """In-process runs build an Accelerator, a process-wide singleton: leave none behind."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def run_in_process(argv, capsys):
     import stage1_vae_trainer
 

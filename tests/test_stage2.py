@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import stage2_diffusion_trainer as s2
 from modules.autoencoder import VAEConfig, build_autoencoder
 from modules.cli import run_main
-from modules.latent_cache import CachedLatentDataset, FlipAugmented, flip_decision
+from modules.latent_cache import CachedLatentDataset, FlipAugmented, cache_is_complete, flip_decision
 from modules.ldm_io import load_ldm_export
 from modules.model_config import load_ldm_config
 from modules.shapes import COLOR_NAMES, SHAPE_NAMES, render_shape, sample_specs
@@ -34,7 +34,9 @@ from modules.vae_io import save_vae_export
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+# One thread per process: the networks are tiny, and on a shared 2-core machine OpenMP threads
+# waiting on each other make small ops many times slower.
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 IMG = 16  # image side; the VAE halves it: 8x8 latents
 CLIP_LEN = 16  # tokens of the tiny CLIP
 SHAPE_PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
@@ -154,17 +156,30 @@ def launch(argv: list[str], processes: int = 1) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """In-process runs build their own Accelerator: start each test from a clean accelerate state
-    (it is a process-wide singleton that refuses a second mixed-precision setting)."""
+def reset_accelerate_state() -> None:
+    """In-process runs build their own Accelerator; accelerate's state is a process-wide singleton
+    that refuses a second mixed-precision setting, so each run starts from a clean one."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The whole module on one thread (set before the module fixtures run): the same float
+    reductions in every in-process run, and no OpenMP contention on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()
 
 
 def files_under(path: Path) -> list[str]:
@@ -217,29 +232,11 @@ def test_tutorial_command_on_shapes_writes_checkpoints_grids_and_a_complete_expo
     assert all(torch.equal(exported[f"unet.{k}"], v) for k, v in ema_state.items())
 
 
-def test_conceptual_captions_uses_pre_encoded_text_in_bf16_with_workers(assets, tmp_path):
-    work = tmp_path / "work"
-    sets = train_sets(assets["prompts"], total_training_iterations=2, per_gpu_batch_size=2, mixed_precision="bf16",
-                      num_workers=1, val_generation_freq=100)
-    result = launch(tutorial_argv(work, assets["vae"], "conceptual_captions", assets["cc"], tmp_path / "gens") +
-                    unet_sets(assets["clip"]) + sets)
-    assert "using the dataset's pre-encoded text" in result.stderr
-    assert "bf16" in result.stderr
-    assert "pre-encoded with" not in result.stderr  # same text encoder as prep_cc's summary says
-    assert files_under(tmp_path / "gens") == ["step_2.png"]  # the final step always gets a grid
-    model = load_ldm_export(work / "model.safetensors")
-    assert model.metadata["training_dataset"] == "conceptual_captions"
-    assert model.metadata["training_config"]["mixed_precision"] == "bf16"
-    # The frozen VAE ran in bf16 but the export keeps its float32 weights bit for bit.
-    exported = load_file(str(work / "model.safetensors"))
-    assert all(torch.equal(exported[f"vae.{k}"], v) for k, v in load_file(str(assets["vae"])).items())
-
-
-def test_class_conditional_imagenet_on_two_processes(assets, tmp_path):
+def test_class_conditional_imagenet_on_two_processes_with_a_shared_latent_cache(assets, tmp_path):
     work = tmp_path / "work"
     sets = train_sets(assets["prompts"], total_training_iterations=2, per_gpu_batch_size=2, checkpoint_iterations=1,
                       sample_class_labels="[0,2]", num_samples_per_condition=1, lr_scheduler="linear",
-                      lr_warmup_steps=2)
+                      lr_warmup_steps=2, cache_latents="true")
     launch(tutorial_argv(work, assets["vae"], "imagenet", assets["root"] / "imagenet", tmp_path / "gens") +
            unet_sets(assets["clip"], text=False, classes=True) + sets, processes=2)
     run = work / "DiffusionTrainer"
@@ -255,6 +252,12 @@ def test_class_conditional_imagenet_on_two_processes(assets, tmp_path):
     model = load_ldm_export(work / "model.safetensors")
     assert model.conditioning == "class" and model.class_names == ["cat", "dog", "fox"]
     assert model.text_encoder is None and "text_encoder" not in model.metadata
+    # Both ranks encoded their half of the 12 images (and mirrors) into one cache; labels in index order.
+    cache = run / "latent_cache"
+    assert sorted(p.name for p in cache.iterdir()) == ["labels.npy", "meta.json", "moments.npy"]
+    assert np.load(cache / "labels.npy").tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    moments = np.load(cache / "moments.npy")
+    assert moments.shape == (12, 2, 2, 4, 8, 8) and np.all(moments[:, :, 1] > 0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -275,6 +278,7 @@ def inprocess_argv(assets, work: Path, dataset: str = "shapes", data: Path | Non
 def uninterrupted(assets, tmp_path_factory):
     """4 optimizer steps of 2 micro-batches (12 images: an epoch boundary inside), a checkpoint every step."""
     work = tmp_path_factory.mktemp("uninterrupted")
+    reset_accelerate_state()
     return s2.main(inprocess_argv(assets, work)), work
 
 
@@ -337,6 +341,59 @@ def test_unconditional_latent_cache_trains_like_encoding_on_the_fly(assets, tmp_
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     meta = load_ldm_export(cached.export_path).metadata
     assert meta["conditioning"] == "none" and "text_encoder" not in meta
+    # The cache is reused only when everything that made it is the same.
+    stored = json.loads((cache / "meta.json").read_text())["fingerprint"]
+    assert cache_is_complete(cache, stored)
+    assert not cache_is_complete(cache, {**stored, "vae": "0" * 32})
+    assert not cache_is_complete(cache, {**stored, "flips": False})
+
+
+def test_conceptual_captions_uses_pre_encoded_text_in_bf16_with_workers(assets, tmp_path):
+    argv = inprocess_argv(assets, tmp_path, "conceptual_captions", assets["cc"], total_training_iterations=2,
+                          gradient_accumulation_steps=1, mixed_precision="bf16", num_workers=1)
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("ldm").addHandler(handler)
+    try:
+        result = s2.main(argv)
+    finally:
+        logging.getLogger("ldm").removeHandler(handler)
+    assert any("using the dataset's pre-encoded text" in r for r in records)
+    assert not any("pre-encoded with" in r for r in records)  # the text encoder prep_cc's summary names
+    assert any("mixed precision bf16" in r for r in records)
+    # The frozen networks ran in bf16; the export keeps their float32 weights bit for bit.
+    assert next(result.vae.parameters()).dtype == torch.bfloat16
+    assert result.text_encoder.model.dtype == torch.bfloat16
+    exported = load_file(str(result.export_path))
+    assert all(torch.equal(exported[f"vae.{k}"], v) for k, v in load_file(str(assets["vae"])).items())
+    clip = load_file(str(assets["clip"] / "model.safetensors"))
+    assert all(torch.equal(exported[f"text_encoder.{k}"], v) for k, v in clip.items())
+    model = load_ldm_export(result.export_path)
+    assert model.metadata["training_dataset"] == "conceptual_captions"
+    assert model.metadata["training_config"]["mixed_precision"] == "bf16"
+
+
+def test_trainable_text_encoder_and_loss_options(assets, tmp_path):
+    """The original LDM trained its text encoder; v-prediction, Min-SNR, Huber and offset noise on top."""
+    argv = inprocess_argv(assets, tmp_path, total_training_iterations=2, gradient_accumulation_steps=1,
+                          train_text_encoder="true", snr_gamma=5.0, loss_type="huber", offset_noise=0.1,
+                          use_ema="false", sampler="ddpm", max_grad_norm=0.0)
+    result = s2.main(argv + ["--set", "diffusion.prediction_type=v_prediction"])
+    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in records) and "grad_norm" not in records[0]
+    exported = load_file(str(result.export_path))
+    clip = load_file(str(assets["clip"] / "model.safetensors"))
+    assert any(not torch.equal(exported[f"text_encoder.{k}"], v) for k, v in clip.items())  # it learned
+    model = load_ldm_export(result.export_path)
+    assert model.metadata["text_encoder"]["source"] == "embedded" and not model.metadata["ema"]
+    assert model.config.diffusion.prediction_type == "v_prediction"
+    assert all(torch.equal(exported[f"unet.{k}"], v.cpu()) for k, v in result.unet.state_dict().items())  # no EMA
+    images = model.generate(1, prompts=[SHAPE_PROMPTS[0]], num_inference_steps=2,
+                            generator=torch.Generator().manual_seed(0))
+    assert images.shape == (1, 3, IMG, IMG) and torch.isfinite(images).all()
 
 
 def test_cached_and_on_the_fly_flips_agree(assets, tmp_path):

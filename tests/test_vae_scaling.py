@@ -1,8 +1,6 @@
 """compute_vae_scaling.py and modules/vae_io.py: the factor is 1 / std of the latents, exactly,
 for any number of processes; it is written where it belongs; bad weights are one-line errors."""
-import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -159,11 +157,23 @@ def test_diffusers_folder_gives_the_same_factor_and_is_left_alone(assets, one_pr
 
 @pytest.fixture
 def fresh_log_handler():
+    """The toolkit's log handler binds the sys.stderr of its creation; in-process runs under capsys
+    must not leave one behind that writes to a stream pytest has closed."""
     ldm_logger = logging.getLogger("ldm")
     saved = ldm_logger.handlers[:]
     ldm_logger.handlers.clear()
     yield
     ldm_logger.handlers[:] = saved
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """In-process runs build an Accelerator, a process-wide singleton: leave none behind."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 def failing(argv, capsys):
