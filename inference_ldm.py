@@ -66,7 +66,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and printed)")
     parser.add_argument("--init_image", default=None, help="img2img: start from this image")
     parser.add_argument("--strength", type=float, default=None,
-                        help="img2img: how much of the schedule to run, 0 = keep the image, 1 = ignore it (default 0.8)")
+                        help="img2img: the part of the schedule to run, 0 = keep the image, 1 = ignore it "
+                             "(default 0.8)")
     parser.add_argument("--output", default="generated", help="PNG file, or a folder for one PNG per image")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
@@ -98,8 +99,8 @@ def report_config_differences(given: LDMConfig, model: LatentDiffusion, source: 
     differ = sorted(k for k in ours if ours.get(k) != theirs.get(k))
     if differ:
         shown = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
-        logger.info("%s differs from the export's own model config in %s; using the export's (it describes the weights)",
-                    source, shown)
+        logger.info("%s differs from the export's own model config in %s; using the export's "
+                    "(it describes the weights)", source, shown)
 
 
 def resolve_class_label(text: str, model: LatentDiffusion) -> int:
@@ -141,6 +142,8 @@ def output_paths(output: str, count: int, slug: str, seed: int) -> List[Path]:
 def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     args = parse_args(argv)
     setup_logging(True)
+    if args.init_image is not None and not Path(args.init_image).is_file():
+        raise UserError(f"--init_image {args.init_image}: file not found")  # before the slow model load
 
     # -- model --------------------------------------------------------------------------
     given_config = None
@@ -152,7 +155,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     if args.training_dataset is not None and args.training_dataset not in DATASET_NAMES:
         raise UserError(f"--training_dataset {args.training_dataset!r} is unknown; known datasets: "
                         f"{', '.join(DATASET_NAMES)}")
-    model = load_ldm_export(args.path_to_weights, fallback_config=given_config, text_encoder_cache_dir=args.hf_cache_dir)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no per-tensor loading bar for the text encoder
+    model = load_ldm_export(args.path_to_weights, fallback_config=given_config,
+                            text_encoder_cache_dir=args.hf_cache_dir)
     if given_config is not None:
         report_config_differences(given_config, model, args.model_config)
     trained_on = model.metadata.get("training_dataset")
@@ -182,8 +189,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
             raise UserError(f"--text_conditional: {args.path_to_weights} is not text-conditional "
                             f"({model.conditioning} conditioning)")
         if args.prompt is not None or args.negative_prompt is not None:
-            raise UserError(f"{args.path_to_weights} is {'class-conditional' if model.conditioning == 'class' else 'unconditional'}; "
-                            "it takes no --prompt / --negative_prompt")
+            kind = "class-conditional" if model.conditioning == "class" else "unconditional"
+            raise UserError(f"{args.path_to_weights} is {kind}; it takes no --prompt / --negative_prompt")
         if model.conditioning == "class":
             if args.class_label is None:
                 raise UserError("this model is class-conditional: pass --class_label (an index or a class name)")

@@ -262,12 +262,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     checkpoints = CheckpointManager(accelerator, run_dir, total_limit=None)
     if args.resume_from_checkpoint is None:
         checkpoints.check_fresh_start()
+    seed_per_process(accelerator, args.seed)  # before resume: a checkpoint's saved RNG states then win
     state = checkpoints.resume(args.resume_from_checkpoint)
     run_config = {k: v for k, v in vars(args).items()}
     write_resolved_config(accelerator, run_dir, run_config)
     metrics_log = MetricsLogger(accelerator, run_dir, bool(args.log_wandb), "LPIPSTrainer", None, run_config)
     metrics_log.truncate_after(state.step)
-    seed_per_process(accelerator, args.seed + state.step)
 
     # -- loop ---------------------------------------------------------------------------
     logger.info("training %s LPIPS on %d triplets: %d epochs x %d steps, %d process(es)", args.backbone, len(train_set),

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import sys
@@ -273,7 +274,8 @@ class Conditioner:
     def __call__(self, batch: Dict[str, Any], drop: torch.Tensor, device: torch.device) -> Dict[str, torch.Tensor]:
         if self.conditioning == "text":
             if self.use_pre_encoded:
-                hidden, mask = self._plain_text_encoder().pre_encoded(batch["text_embeddings"], batch.get("attention_mask"))
+                encoder = self._plain_text_encoder()
+                hidden, mask = encoder.pre_encoded(batch["text_embeddings"], batch.get("attention_mask"))
                 if bool(drop.any()):
                     null_hidden, null_mask = self.null_text()
                     length = hidden.shape[1]
@@ -287,9 +289,9 @@ class Conditioner:
                 hidden, mask = self.text_encoder(captions)  # through the DDP wrapper when trained
             return {"context": hidden.to(device), "context_mask": mask.to(device)}
         if self.conditioning == "class":
-            labels = torch.as_tensor(batch["label"], dtype=torch.long)
-            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
-            return {"class_labels": labels.to(device)}
+            labels = torch.as_tensor(batch["label"], dtype=torch.long).to(device)
+            labels = torch.where(drop.to(device), torch.full_like(labels, self.null_class), labels)
+            return {"class_labels": labels}
         return {}
 
 
@@ -299,8 +301,6 @@ def warn_if_other_text_encoder(dataset_path: Path, text_source: str) -> None:
     summary_file = dataset_path / "prep_cc_summary.json"
     if not summary_file.is_file():
         return
-    import json
-
     used = json.loads(summary_file.read_text()).get("hf_clip_model_name")
     if not used:
         return
@@ -698,7 +698,8 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
             # Embedded (weights + tokenizer) when trained or read from a local folder; a frozen hub model by name.
             source = ldm.unet.text_conditioning_hf_model
             embed = train_cfg.train_text_encoder or text_encoder_state is not None
-            text_payload = text_encoder_export(accelerator.unwrap_model(text_encoder), source, embed, text_encoder_state)
+            text_payload = text_encoder_export(accelerator.unwrap_model(text_encoder), source, embed,
+                                               text_encoder_state)
         save_ldm_export(
             export_path, unet_state, vae.export_state, dataclasses.replace(ldm, vae=vae.config), vae.scaling_factor,
             vae.shift_factor, conditioning, args.dataset, vae.img_size, text_encoder=text_payload,

@@ -36,6 +36,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from modules.errors import UserError
+from modules.training import progress_bar
+
 __all__ = [
     "CACHE_DTYPES",
     "CachedLatentDataset",
@@ -183,8 +186,6 @@ def build_latent_cache(
         flips: also store the moments of each mirrored image (V = 2).
         cache_dtype: ``float32`` or ``float16`` storage.
     """
-    from modules.errors import UserError
-
     if cache_dtype not in CACHE_DTYPES:
         raise UserError(f"latent_cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache_dtype!r}")
     cache_dir = Path(cache_dir)
@@ -198,7 +199,8 @@ def build_latent_cache(
         if cache_dir.exists():
             shutil.rmtree(cache_dir)
         cache_dir.mkdir(parents=True)
-        np.lib.format.open_memmap(cache_dir / "moments.npy", mode="w+", dtype=CACHE_DTYPES[cache_dtype], shape=shape).flush()
+        np.lib.format.open_memmap(cache_dir / "moments.npy", mode="w+", dtype=CACHE_DTYPES[cache_dtype],
+                                  shape=shape).flush()
         logger.info("encoding %d images%s into the latent cache %s", n, " and their mirror images" if flips else "",
                     cache_dir)
     accelerator.wait_for_everyone()
@@ -210,8 +212,6 @@ def build_latent_cache(
     captions: List[str] = []
     labels: List[int] = []
     position = 0
-    from modules.training import progress_bar
-
     bar = progress_bar(accelerator, total=len(loader), desc="latent cache")
     for batch in loader:
         images = batch["image"]  # (B, 3, H, W)
@@ -272,8 +272,6 @@ class CachedLatentDataset(Dataset):
     """
 
     def __init__(self, cache_dir: Union[str, Path], seed: int, random_flip: bool) -> None:
-        from modules.errors import UserError
-
         self.cache_dir = Path(cache_dir)
         meta_file = self.cache_dir / _META
         if not meta_file.is_file():

@@ -141,8 +141,8 @@ class LatentDiffusion:
             return ({"context": hidden[:batch_size], "context_mask": mask[:batch_size]},
                     {"context": hidden[batch_size:], "context_mask": mask[batch_size:]})
         if prompts is not None or negative_prompts is not None:
-            raise UserError(f"this model is {'class-conditional' if self.conditioning == 'class' else 'unconditional'}; "
-                            "it takes no prompt")
+            kind = "class-conditional" if self.conditioning == "class" else "unconditional"
+            raise UserError(f"this model is {kind}; it takes no prompt")
         if self.conditioning == "class":
             if class_labels is None or len(class_labels) != batch_size:
                 raise UserError(f"a class-conditional model needs {batch_size} class labels")
@@ -314,7 +314,8 @@ def _load_text_encoder(entry: Mapping[str, Any], tensors: Mapping[str, torch.Ten
     if entry.get("source") != "embedded" or not isinstance(entry.get("files"), Mapping):
         raise UserError(f"{path}: the text_encoder entry of the metadata is not understood: {dict(entry)!r}")
     if not tensors:
-        raise UserError(f"{path}: the metadata says the text encoder is embedded but there are no text_encoder.* tensors")
+        raise UserError(f"{path}: the metadata says the text encoder is embedded but there are no "
+                        "text_encoder.* tensors")
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:

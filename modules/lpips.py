@@ -301,16 +301,9 @@ class LPIPS(nn.Module):
         """
         if x0.shape != x1.shape:
             raise ValueError(f"LPIPS inputs differ in shape: {tuple(x0.shape)} vs {tuple(x1.shape)}")
-        batch = x0.shape[0]
-        # One trunk call for both images: fewer, larger convolutions.
-        x = self.scaling(torch.cat([x0, x1], dim=0))  # (2B, 3, H, W)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         total: Optional[torch.Tensor] = None
-        for index, feat in enumerate(self.trunk(x)):
-            # Normalise in float32: under fp16 autocast eps=1e-10 would round to zero.
-            feat = normalize_channels(feat.float(), self.eps)  # (2B, C, h, w)
-            diff = (feat[:batch] - feat[batch:]).square()  # (B, C, h, w)
+        for index, (feat0, feat1) in enumerate(self._normalized_features(x0, x1)):
+            diff = (feat0 - feat1).square()  # (B, C, h, w)
             if self.spatial:
                 layer_map = self.heads[index](diff) if self.linear_heads else diff.sum(dim=1, keepdim=True)
                 value = F.interpolate(layer_map, size=x0.shape[2:], mode="bilinear", align_corners=False)
@@ -321,6 +314,37 @@ class LPIPS(nn.Module):
             total = value if total is None else total + value
         assert total is not None
         return total
+
+    def _features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Unit-normalised trunk activations at the taps: (N, 3, H, W) -> [(N, C_l, h, w)]."""
+        x = self.scaling(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # Normalise in float32: under fp16 autocast eps=1e-10 would round to zero.
+        return [normalize_channels(feat.float(), self.eps) for feat in self.trunk(x)]
+
+    def _normalized_features(self, x0: torch.Tensor, x1: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised activations of x0 and x1 at each tap: [((B, C_l, h, w), (B, C_l, h, w))].
+
+        Usually one trunk call on both images (2B, 3, H, W): fewer, larger convolutions. As a
+        training loss only one side carries a graph (the reconstruction, not the target); in one
+        batched call the backward would still compute the input gradient of the whole 2B batch
+        through every trunk convolution, so the side without a graph runs separately under
+        no_grad instead. That holds only while the trunk is frozen (a trained trunk needs both).
+        """
+        one_sided = (
+            torch.is_grad_enabled()
+            and x0.requires_grad != x1.requires_grad
+            and not any(p.requires_grad for p in self.trunk.parameters())
+        )
+        if not one_sided:
+            batch = x0.shape[0]
+            feats = self._features(torch.cat([x0, x1], dim=0))  # each (2B, C_l, h, w)
+            return [(f[:batch], f[batch:]) for f in feats]
+        with torch.no_grad():
+            fixed = self._features(x1 if x0.requires_grad else x0)
+        live = self._features(x0 if x0.requires_grad else x1)
+        return list(zip(live, fixed)) if x0.requires_grad else list(zip(fixed, live))
 
     # ---- weights from the lpips package --------------------------------------------------------
     def load_lpips_package_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -104,6 +104,33 @@ def adaptive_gan_weight(
     return weight.clamp(0.0, max_value).detach()
 
 
+def adaptive_gan_weight_at_output(
+    rec_loss: torch.Tensor,
+    g_loss: torch.Tensor,
+    output: torch.Tensor,
+    last_layer_weight: torch.Tensor,
+    max_value: float,
+    eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same lambda as :func:`adaptive_gan_weight`, plus both losses' gradients at ``output``.
+
+    output: the decoder's output (B, C, H, W) (the reconstruction); rec_loss and g_loss reach
+    ``last_layer_weight`` only through it. Each loss is backpropagated once, through its own head
+    (LPIPS, the discriminator), to ``output``; the gradients at ``last_layer_weight`` then cost
+    only the last layer's backward (the chain rule: grad_W L = (d output / d W)^T grad_output L).
+    The graphs above ``output`` are freed; the one below it is kept for the real backward.
+
+    Returns (lambda, grad_output rec_loss, grad_output g_loss): lambda a detached 0-dim tensor in
+    [0, max_value], the gradients detached, shaped like ``output``.
+    """
+    rec_out = torch.autograd.grad(rec_loss, output)[0]
+    gan_out = torch.autograd.grad(g_loss, output)[0]
+    rec_grad = torch.autograd.grad(output, last_layer_weight, rec_out, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(output, last_layer_weight, gan_out, retain_graph=True)[0]
+    weight = torch.linalg.vector_norm(rec_grad) / (torch.linalg.vector_norm(gan_grad) + eps)
+    return weight.clamp(0.0, max_value).detach(), rec_out, gan_out
+
+
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))) (Lim & Ye, 2017)."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
@@ -216,21 +243,36 @@ class VAELoss(nn.Module):
             if discriminator is None:
                 raise ValueError(f"step {step} >= disc_start {cfg.disc_start} but no discriminator was given")
             g_loss = self._gan_generator_loss(_frozen_forward(discriminator, recon))
-            if not cfg.use_adaptive_weight:
-                adaptive = torch.ones((), device=g_loss.device, dtype=g_loss.dtype)
-            elif torch.is_grad_enabled() and nll.requires_grad:
-                if last_layer_weight is None:
-                    raise ValueError("use_adaptive_weight needs the decoder's last_layer_weight")
-                adaptive = adaptive_gan_weight(
-                    nll, g_loss, last_layer_weight, cfg.adaptive_weight_max, cfg.adaptive_weight_eps
+            measurable = torch.is_grad_enabled() and nll.requires_grad
+            if cfg.use_adaptive_weight and measurable and last_layer_weight is None:
+                raise ValueError("use_adaptive_weight needs the decoder's last_layer_weight")
+            if cfg.use_adaptive_weight and measurable and not _fp16_loss_scaling(recon):
+                adaptive, nll_out, gan_out = adaptive_gan_weight_at_output(
+                    nll, g_loss, recon, last_layer_weight, cfg.adaptive_weight_max, cfg.adaptive_weight_eps
                 )
+                # A loss with the value of nll + regularizer + disc_weight * lambda * L_gan and its
+                # gradient (lambda constant), in which the nll and GAN parts enter through their
+                # gradients at recon, already computed: backward does not run LPIPS and D again.
+                value = total.detach() + cfg.disc_weight * adaptive * g_loss.detach()
+                surrogate = (recon * (nll_out + cfg.disc_weight * adaptive * gan_out)).sum() + regularizer
+                total = surrogate + (value - surrogate).detach()
             else:
-                # Without a graph (evaluation under no_grad) lambda cannot be measured; as in
-                # taming the GAN term is then left out of the total but still logged.
-                adaptive = torch.zeros((), device=g_loss.device, dtype=g_loss.dtype)
+                if not cfg.use_adaptive_weight:
+                    adaptive = torch.ones((), device=g_loss.device, dtype=g_loss.dtype)
+                elif measurable:
+                    # fp16 with a GradScaler: the LPIPS and D backward must run inside the scaled
+                    # backward (unscaled fp16 gradients underflow), so lambda is measured as taming
+                    # does, at the cost of a second pass through LPIPS and D.
+                    adaptive = adaptive_gan_weight(
+                        nll, g_loss, last_layer_weight, cfg.adaptive_weight_max, cfg.adaptive_weight_eps
+                    )
+                else:
+                    # Without a graph (evaluation under no_grad) lambda cannot be measured; as in
+                    # taming the GAN term is then left out of the total but still logged.
+                    adaptive = torch.zeros((), device=g_loss.device, dtype=g_loss.dtype)
+                total = total + cfg.disc_weight * adaptive * g_loss
             logs["g_loss"] = g_loss.item()
             logs["adaptive_weight"] = adaptive.item()
-            total = total + cfg.disc_weight * adaptive * g_loss
 
         logs["total"] = total.item()
         return total, logs
@@ -263,6 +305,13 @@ class VAELoss(nn.Module):
             "logits_fake": logits_fake.detach().mean().item(),
         }
         return loss, logs
+
+
+def _fp16_loss_scaling(recon: torch.Tensor) -> bool:
+    """Whether the generator loss runs in fp16 (where the trainer's backward is loss-scaled)."""
+    device = recon.device.type
+    autocast_fp16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    return recon.dtype == torch.float16 or autocast_fp16
 
 
 def _frozen_forward(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

@@ -188,7 +188,8 @@ def test_bad_inputs_are_one_line_errors(exports, tmp_path, capsys):
     assert "outside [0, 2]" in one_line_error(["--path_to_weights", cls, "--class_label", "7"], capsys)
     assert "neither a class index nor a class name" in one_line_error(
         ["--path_to_weights", cls, "--class_label", "zebra"], capsys)
-    assert "takes no --prompt" in one_line_error(["--path_to_weights", cls, "--prompt", "x", "--class_label", "1"], capsys)
+    assert "takes no --prompt" in one_line_error(
+        ["--path_to_weights", cls, "--prompt", "x", "--class_label", "1"], capsys)
     assert "weights file not found" in one_line_error(["--path_to_weights", str(tmp_path / "none.safetensors")], capsys)
     assert "unknown; known datasets" in one_line_error(
         ["--path_to_weights", text, "--prompt", "x", "--training_dataset", "laion"], capsys)

@@ -215,7 +215,8 @@ def test_tutorial_command_on_shapes_writes_checkpoints_grids_and_a_complete_expo
     # The export alone rebuilds the model: UNet, the untouched VAE and text encoder, scale, schedule.
     model = load_ldm_export(work / "model.safetensors")
     meta = model.metadata
-    assert (meta["conditioning"], meta["training_dataset"], meta["img_size"], meta["step"]) == ("text", "shapes", IMG, 4)
+    assert (meta["conditioning"], meta["training_dataset"], meta["img_size"]) == ("text", "shapes", IMG)
+    assert meta["step"] == 4
     assert model.scaling_factor == 0.5 and model.shift_factor == 0.0
     assert meta["model_config"]["diffusion"] == {"num_train_timesteps": 1000, "beta_schedule": "linear",
                                                  "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "epsilon"}
@@ -318,8 +319,9 @@ def test_frozen_vae_and_text_encoder_do_not_change(assets, uninterrupted):
     assert not result.vae.training and not any(p.requires_grad for p in result.vae.parameters())
     assert not result.text_encoder.model.training
     assert not any(p.requires_grad for p in result.text_encoder.parameters())
+    clip = load_file(str(assets["clip"] / "model.safetensors"))
     for live, source in ((result.vae.state_dict(), load_file(str(assets["vae"]))),
-                         (result.text_encoder.model.state_dict(), load_file(str(assets["clip"] / "model.safetensors")))):
+                         (result.text_encoder.model.state_dict(), clip)):
         assert all(torch.equal(live[k].cpu(), v) for k, v in source.items())
     # ... while the UNet did learn (its output conv starts at zero).
     assert result.unet.conv_out.weight.abs().sum() > 0
@@ -490,6 +492,24 @@ def test_padded_text_tokens_do_not_change_the_unet_output(assets):
         assert not torch.allclose(unet(x, t, context=junk), reference, atol=1e-3)
 
 
+def test_shipped_config_keys_match_the_trainer_and_every_key_is_read():
+    import dataclasses
+    import re
+
+    from modules.config import load_yaml
+
+    shipped = load_yaml(REPO / "configs/stage2_diffusion_train.yaml")["training_args"]
+    fields = {f.name: f.default for f in dataclasses.fields(s2.Stage2TrainingArgs)}
+    assert list(shipped) == list(fields)  # same keys, same order
+    assert shipped == {k: v for k, v in fields.items()}  # the dataclass defaults are the shipped values
+    source = (REPO / "stage2_diffusion_trainer.py").read_text()
+    body = source[source.index("class Stage2Config"):]  # after the field declarations
+    unread = [name for name in fields if not re.search(rf"(?:train_cfg|args)\.{name}\b", body)]
+    assert unread == []
+    prompts = s2.read_prompts(REPO / "configs/sample_text_cond_prompts.txt")
+    assert len(prompts) == 8 and prompts[0] == "A beautiful sunset at the beach"
+
+
 # ----------------------------------------------------------------------------------------
 # Bad inputs: one line, exit code 2
 # ----------------------------------------------------------------------------------------
@@ -531,7 +551,8 @@ def test_bad_inputs_are_one_line_errors(assets, tmp_path, capsys):
 
 def test_cli_error_has_no_traceback(assets, tmp_path):
     argv = tutorial_argv(tmp_path, assets["vae"], "celebahq", assets["root"] / "empty", tmp_path / "g")
-    result = subprocess.run([sys.executable, "stage2_diffusion_trainer.py", *argv, *unet_sets(assets["clip"], text=False)],
+    argv += unet_sets(assets["clip"], text=False)
+    result = subprocess.run([sys.executable, "stage2_diffusion_trainer.py", *argv],
                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
