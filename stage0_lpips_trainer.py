@@ -24,10 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -113,6 +114,35 @@ def to_minus_one_one(x: torch.Tensor, img_range: str) -> torch.Tensor:
     return x * 2.0 - 1.0 if img_range == "zero_to_one" else x
 
 
+def loader_workers(requested: int, num_items: int, batch_size: int, num_processes: int, drop_last: bool) -> int:
+    """Worker processes for one loader: ``--num_workers``, but never more than the batches each
+    process loads (a worker loads whole batches, so extra ones would only be forked and idle;
+    a small val category with --num_workers 32 would otherwise start 32 processes)."""
+    batches = num_items // batch_size if drop_last else math.ceil(num_items / batch_size)
+    return max(0, min(requested, math.ceil(batches / num_processes)))
+
+
+class TwoAFCObjective(torch.nn.Module):
+    """The metric and its ranking head as one module: one forward gives both distances and the
+    BCE ranking loss. Under DDP the whole objective is the wrapped module, so the gradients of the
+    ranking head are synchronised too (calling the unwrapped head would leave each process with
+    its own head).
+
+    forward(ref, p0, p1, judge): images (B, 3, H, W) in [-1, 1], judge (B,) -> (loss, logs).
+    """
+
+    def __init__(self, metric: LPIPS, head: RankingHead) -> None:
+        super().__init__()
+        self.metric = metric
+        self.head = head
+
+    def forward(self, ref: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor,
+                judge: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        d0, d1 = self.metric.triplet_distances(ref, p0, p1)  # (B,) each, under the caller's autocast
+        with torch.autocast(device_type=ref.device.type, enabled=False):  # the head runs in float32
+            return ranking_loss(self.head, d0.float(), d1.float(), judge)
+
+
 # ----------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------
@@ -129,7 +159,8 @@ def evaluate(accelerator, metrics: Dict[str, torch.nn.Module], args) -> Dict[str
     results: Dict[str, Dict[str, float]] = {}
     for category in available_categories(root, "2afc", "val"):
         dataset = TwoAFCDataset(root, "val", categories=[category], img_size=args.img_size, img_range=args.img_range)
-        loader = accelerator.prepare(build_dataloader(dataset, batch_size, shuffle=False, num_workers=args.num_workers,
+        workers = loader_workers(args.num_workers, len(dataset), batch_size, accelerator.num_processes, False)
+        loader = accelerator.prepare(build_dataloader(dataset, batch_size, shuffle=False, num_workers=workers,
                                                       drop_last=False, seed=args.seed))
         scores: Dict[str, List[torch.Tensor]] = {name: [] for name in metrics}
         for batch in progress_bar(accelerator, len(loader), desc=f"eval 2afc/{category}", iterable=loader):
@@ -143,7 +174,8 @@ def evaluate(accelerator, metrics: Dict[str, torch.nn.Module], args) -> Dict[str
 
     for category in available_categories(root, "jnd", "val"):
         dataset = JNDDataset(root, "val", categories=[category], img_size=args.img_size, img_range=args.img_range)
-        loader = accelerator.prepare(build_dataloader(dataset, batch_size, shuffle=False, num_workers=args.num_workers,
+        workers = loader_workers(args.num_workers, len(dataset), batch_size, accelerator.num_processes, False)
+        loader = accelerator.prepare(build_dataloader(dataset, batch_size, shuffle=False, num_workers=workers,
                                                       drop_last=False, seed=args.seed))
         distances: Dict[str, List[torch.Tensor]] = {name: [] for name in metrics}
         same: List[torch.Tensor] = []
@@ -158,22 +190,49 @@ def evaluate(accelerator, metrics: Dict[str, torch.nn.Module], args) -> Dict[str
     return results
 
 
+# (row label, metrics.jsonl key) of the two mean rows, and which categories each averages.
+_MEAN_ROWS = (("2afc mean", "2afc_mean", False), ("jnd mAP mean", "jnd_map_mean", True))
+
+
+def result_means(results: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    """Mean over categories per metric, e.g. {"2afc_mean/ours": 0.71, "jnd_map_mean/l2": 0.6}."""
+    means: Dict[str, float] = {}
+    for _, key, is_jnd in _MEAN_ROWS:
+        group = [row for category, row in results.items() if category.startswith("jnd/") == is_jnd]
+        for name in (group[0] if group else {}):
+            means[f"{key}/{name}"] = sum(row[name] for row in group) / len(group)
+    return means
+
+
 def format_results(results: Dict[str, Dict[str, float]]) -> str:
     """A table: one row per category (2AFC score, or JND mAP), one column per metric, and means."""
     if not results:
         return "no evaluation data found"
     names = list(next(iter(results.values())))
     width = max(12, *(len(c) for c in results))
+    means = result_means(results)
     lines = [f"{'category':<{width}} " + " ".join(f"{n:>12}" for n in names)]
-    afc = {c: r for c, r in results.items() if not c.startswith("jnd/")}
-    jnd = {c: r for c, r in results.items() if c.startswith("jnd/")}
-    for group, label in ((afc, "2afc mean"), (jnd, "jnd mAP mean")):
+    for label, key, is_jnd in _MEAN_ROWS:
+        group = {c: row for c, row in results.items() if c.startswith("jnd/") == is_jnd}
         for category, row in group.items():
             lines.append(f"{category:<{width}} " + " ".join(f"{row[n]:>12.4f}" for n in names))
         if group:
-            means = {n: sum(r[n] for r in group.values()) / len(group) for n in names}
-            lines.append(f"{label:<{width}} " + " ".join(f"{means[n]:>12.4f}" for n in names))
+            lines.append(f"{label:<{width}} " + " ".join(f"{means[f'{key}/{n}']:>12.4f}" for n in names))
     return "\n".join(lines)
+
+
+def log_window(accelerator, metrics_log: MetricsLogger, window: Dict[str, List[float]], lr: float,
+               step: int) -> Dict[str, List[float]]:
+    """Log the gathered means of the steps since the last log (if any); returns an empty window.
+
+    Called on every process (the means are gathered), every --logging_steps and where the loop
+    ends, so a short run still leaves its numbers in metrics.jsonl.
+    """
+    if window and all(window.values()):
+        means = gather_mean(accelerator, {k: sum(v) / len(v) for k, v in window.items()})
+        means["lr"] = lr
+        metrics_log.log(means, step)
+    return {k: [] for k in window}
 
 
 def l2_distance(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
@@ -240,12 +299,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     if args.init_from_lpips_pkg:
         metric.load_lpips_package_linear_weights()
     head = RankingHead(middle_channels=args.middle_channels)
+    objective = TwoAFCObjective(metric, head)
     parameters = list(metric.trainable_parameters()) + list(head.parameters())
     optimizer = torch.optim.Adam(parameters, lr=args.initial_lr, betas=(0.5, 0.999))
 
-    loader = build_dataloader(train_set, args.batch_size, shuffle=True, num_workers=args.num_workers, drop_last=True,
+    workers = loader_workers(args.num_workers, len(train_set), args.batch_size, accelerator.num_processes, True)
+    loader = build_dataloader(train_set, args.batch_size, shuffle=True, num_workers=workers, drop_last=True,
                               seed=args.seed)
-    metric, head, optimizer, loader = accelerator.prepare(metric, head, optimizer, loader)
+    objective, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
+    metric, head = accelerator.unwrap_model(objective).metric, accelerator.unwrap_model(objective).head
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise UserError(f"{root}/2afc/train: {len(train_set)} triplets give no full batch of --batch_size "
@@ -278,41 +340,39 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     stop = False
     from accelerate import skip_first_batches
 
-    while state.epoch < total_epochs and not stop:
-        metric.train()
-        head.train()
-        loader.set_epoch(state.epoch)
-        batches = skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        for batch in batches:
-            ref, p0, p1 = (to_minus_one_one(batch[k], args.img_range) for k in ("ref", "p0", "p1"))
-            with accelerator.autocast():
-                d0, d1 = metric(ref, p0), metric(ref, p1)
-            loss, logs = ranking_loss(accelerator.unwrap_model(head), d0, d1, batch["judge"])
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            accelerator.unwrap_model(metric).clamp_linear_weights_()
-            state.step += 1
-            state.batch_in_epoch += 1
-            steps_this_run += 1
-            for key in window:
-                window[key].append(float(logs[key]))
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", epoch=state.epoch)
-            if state.step % args.logging_steps == 0:
-                means = gather_mean(accelerator, {k: sum(v) / len(v) for k, v in window.items()})
-                means["lr"] = scheduler.get_last_lr()[0]
-                metrics_log.log(means, state.step)
-                window = {k: [] for k in window}
-            if args.stop_after_steps and steps_this_run >= args.stop_after_steps and state.step < total_steps:
-                stop = True
-                break
-        if not stop:
-            state.epoch += 1
-            state.batch_in_epoch = 0
-        checkpoints.save(state)  # every epoch end, and where a run is stopped
-    bar.close()
+    try:  # closed on errors too, so an error message starts on a line of its own
+        while state.epoch < total_epochs and not stop:
+            objective.train()
+            loader.set_epoch(state.epoch)
+            batches = skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+            for batch in batches:
+                ref, p0, p1 = (to_minus_one_one(batch[k], args.img_range) for k in ("ref", "p0", "p1"))
+                with accelerator.autocast():
+                    loss, logs = objective(ref, p0, p1, batch["judge"])
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                metric.clamp_linear_weights_()  # the plain module: DDP shares its parameters
+                state.step += 1
+                state.batch_in_epoch += 1
+                steps_this_run += 1
+                for key in window:
+                    window[key].append(float(logs[key]))
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", epoch=state.epoch)
+                if state.step % args.logging_steps == 0:
+                    window = log_window(accelerator, metrics_log, window, scheduler.get_last_lr()[0], state.step)
+                if args.stop_after_steps and steps_this_run >= args.stop_after_steps and state.step < total_steps:
+                    stop = True
+                    break
+            if state.batch_in_epoch >= steps_per_epoch:  # a stop on an epoch's last batch still completes it
+                state.epoch += 1
+                state.batch_in_epoch = 0
+            checkpoints.save(state)  # every epoch end, and where a run is stopped
+    finally:
+        bar.close()
+    window = log_window(accelerator, metrics_log, window, scheduler.get_last_lr()[0], state.step)
     if stop:
         logger.info("stopped after %d steps (--stop_after_steps); continue with --resume_from_checkpoint latest",
                     steps_this_run)
@@ -320,18 +380,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
         return {}
 
     # -- evaluate and export --------------------------------------------------------------
-    plain_metric = accelerator.unwrap_model(metric).eval()
+    plain_metric = metric.eval()
     columns = {"ours": plain_metric, "l2": l2_distance}
     if args.eval_lpips_pkg:
         package_metric = lpips_package_metric(args.backbone, accelerator.device)
         if package_metric is not None:
             columns["lpips_pkg"] = package_metric
     results = evaluate(accelerator, columns, args)
+    metrics_log.log(result_means(results), state.step)
     if accelerator.is_main_process:
         table = format_results(results)
         print(table)
         (run_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
-        save_lpips_export(plain_metric, final_path, ranking_head=accelerator.unwrap_model(head),
+        save_lpips_export(plain_metric, final_path, ranking_head=head,
                           metadata={"producer": describe_run("stage0_lpips_trainer.py", argv), "step": state.step,
                                     "eval": results})
         logger.info("wrote %s and %s", final_path, final_path.with_suffix(".safetensors"))

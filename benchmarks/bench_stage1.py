@@ -62,6 +62,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lpips_backbone", choices=("vgg", "alex", "squeeze"), default="vgg")
     parser.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",
                         help="mixed precision of both sides (fp16 needs CUDA)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: library default)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -179,6 +180,8 @@ def reference_step(side: Dict, x: torch.Tensor, noise_seed: int, args, device) -
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     sides, img_size = build(args, device)

@@ -3,9 +3,11 @@
 One step = forward + MSE loss + backward + AdamW step, on random latents, timesteps and text
 hidden states. Both models are built with the same levels, channels, layers, heads, transformer
 depth, cross-attention width and time-embedding size; the script checks that their parameter
-counts are equal before timing them. Steps of the two models are interleaved in rounds so that
-clock drift and thermal state affect both alike; the table reports the median ms/step and the speed-up of the
-medians and of the minima (the minimum is the better estimate on a busy, shared machine).
+counts are equal before timing them. Both get the same AdamW (``--optimizer``: torch's default
+implementation, as stage2_diffusion_trainer.py uses, or the foreach / fused one). Steps of the
+two models are interleaved in rounds so that clock drift and thermal state affect both alike; the
+table reports the median ms/step and the speed-up of the medians and of the minima (the minimum
+is the better estimate on a busy, shared machine).
 
 Usage:
     python benchmarks/bench_unet.py --device cpu --config tiny --batch_size 4 --latent_size 16
@@ -50,6 +52,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--channels_last", action="store_true", help="channels_last memory format for both")
     p.add_argument("--gradient_checkpointing", action="store_true", help="activation checkpointing for both")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: library default)")
+    p.add_argument("--optimizer", choices=("default", "foreach", "fused"), default="default",
+                   help="AdamW implementation of both models: torch's default (per-parameter loop on CPU, "
+                        "foreach on CUDA), foreach or fused")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -91,8 +96,10 @@ def build_models(name: str, gradient_checkpointing: bool):
     return ours, theirs
 
 
-def make_step(model: torch.nn.Module, is_diffusers: bool, inputs: Dict[str, torch.Tensor], autocast_dtype) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def make_step(model: torch.nn.Module, is_diffusers: bool, inputs: Dict[str, torch.Tensor], autocast_dtype,
+              optimizer_kind: str = "default") -> Callable[[], None]:
+    implementation = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[optimizer_kind]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **implementation)
     device_type = inputs["x"].device.type
 
     def step() -> None:
@@ -137,8 +144,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         lengths = torch.randint(2, args.context_length + 1, (b,), device=device)
         inputs["mask"] = torch.arange(args.context_length, device=device)[None, :] < lengths[:, None]  # (B, L)
     autocast_dtype = None if args.dtype == "float32" else DTYPES[args.dtype]
-    steps = {"ours": make_step(ours, False, inputs, autocast_dtype),
-             "diffusers": make_step(theirs, True, inputs, autocast_dtype)}
+    steps = {"ours": make_step(ours, False, inputs, autocast_dtype, args.optimizer),
+             "diffusers": make_step(theirs, True, inputs, autocast_dtype, args.optimizer)}
 
     def sync() -> None:
         if device.type == "cuda":
@@ -169,6 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print("-|-".join("-" * w for w in widths))
     print(" | ".join(r.ljust(w) for r, w in zip(row, widths)))
     extras = [k for k in ("context_mask", "channels_last", "gradient_checkpointing") if getattr(args, k)]
+    if args.optimizer != "default":
+        extras.append(f"{args.optimizer} AdamW")
     if extras:
         print("options: " + ", ".join(extras))
 

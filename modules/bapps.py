@@ -284,7 +284,7 @@ def _brightness(img: np.ndarray, strength: float, rng: np.random.Generator) -> n
 
 
 def _contrast(img: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    factor = 1.0 + rng.choice([-1.0, 1.0]) * 0.4 * strength
+    factor = 1.0 + rng.choice([-1.0, 1.0]) * 0.6 * strength
     return (img - img.mean()) * factor + img.mean()
 
 
@@ -343,8 +343,9 @@ def _hue_shift(img: np.ndarray, strength: float, rng: np.random.Generator) -> np
 
 
 def _sharpen(img: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    # Unsharp masking: over-shoot and halos at edges, like an over-eager deblurring.
-    blurred = _blur(img, 0.15, rng)
+    # Unsharp masking: over-shoot and halos at edges, like an over-eager deblurring. The mask is
+    # blurred by 1/64 of the side (1 px at 64 px): a finer one would leave the image unchanged.
+    blurred = _from_pil(_to_pil(img).filter(ImageFilter.GaussianBlur(img.shape[0] / 64.0)))
     return img + 2.5 * strength * (img - blurred)
 
 
@@ -379,40 +380,47 @@ class SyntheticDistortion:
     weight: float
 
 
-# Perceptual weights: the ground truth the simulated humans use. They are chosen so that L2 is
-# misleading: geometric and global photometric changes (shift, warp, brightness, contrast) move
-# many pixels but weigh little, while blur, blocking, checkerboards and small corruptions change
-# few pixels but weigh a lot. A metric must learn which feature changes matter to beat L2.
+# Perceptual weights: the ground truth the simulated humans use. They follow the split of SSIM
+# (Wang et al., 2004) into luminance, contrast and structure, and the observation behind LPIPS:
+# people judge changes of *structure* (edges, texture, detail: blur, noise, blocking, ringing,
+# checkerboards, corruptions) far more than changes of *contrast* (global contrast, colour
+# saturation), which move many pixels but leave every edge where it was. Brightness and colour
+# shifts weigh little, small geometric changes (shift, smooth warp) in between. So L2 is misled
+# by construction (a contrast change of the same L2 size as a blur weighs a tenth as much), while
+# a metric of unit-normalised (contrast-invariant) deep features, weighted by what it learns from
+# the judgements, can follow the humans.
 SYNTHETIC_DISTORTIONS: Dict[str, SyntheticDistortion] = {
     "blur": SyntheticDistortion(_blur, 1.0),
-    "gaussian_noise": SyntheticDistortion(_gaussian_noise, 0.5),
-    "jpeg": SyntheticDistortion(_jpeg, 0.8),
-    "shift": SyntheticDistortion(_shift, 0.1),
-    "brightness": SyntheticDistortion(_brightness, 0.15),
-    "contrast": SyntheticDistortion(_contrast, 0.2),
+    "gaussian_noise": SyntheticDistortion(_gaussian_noise, 1.0),
+    "jpeg": SyntheticDistortion(_jpeg, 1.0),
+    "shift": SyntheticDistortion(_shift, 0.8),
+    "brightness": SyntheticDistortion(_brightness, 0.3),
+    "contrast": SyntheticDistortion(_contrast, 0.1),
     "local_corruption": SyntheticDistortion(_local_corruption, 1.0),
-    "checkerboard": SyntheticDistortion(_checkerboard, 0.9),
-    "down_up_nearest": SyntheticDistortion(_down_up_nearest, 0.9),
-    "down_up_bilinear": SyntheticDistortion(_down_up_bilinear, 0.8),
-    "color_cast": SyntheticDistortion(_color_cast, 0.4),
-    "saturation": SyntheticDistortion(_saturation, 0.35),
-    "hue_shift": SyntheticDistortion(_hue_shift, 0.6),
-    "sharpen": SyntheticDistortion(_sharpen, 0.7),
+    "checkerboard": SyntheticDistortion(_checkerboard, 1.0),
+    "down_up_nearest": SyntheticDistortion(_down_up_nearest, 1.0),
+    "down_up_bilinear": SyntheticDistortion(_down_up_bilinear, 1.0),
+    "color_cast": SyntheticDistortion(_color_cast, 0.3),
+    "saturation": SyntheticDistortion(_saturation, 0.1),
+    "hue_shift": SyntheticDistortion(_hue_shift, 0.5),
+    "sharpen": SyntheticDistortion(_sharpen, 0.8),
     "ghosting": SyntheticDistortion(_ghosting, 0.8),
-    "smooth_warp": SyntheticDistortion(_smooth_warp, 0.15),
+    "smooth_warp": SyntheticDistortion(_smooth_warp, 0.6),
 }
 
-_TRADITIONAL = ("blur", "gaussian_noise", "jpeg", "shift", "brightness", "contrast", "local_corruption")
-_CNN = ("checkerboard", "down_up_nearest", "color_cast", "smooth_warp", "blur", "sharpen")
-# Which distortions each category draws from ("mix" composes two of traditional+cnn).
+# Which distortions each category draws from ("mix" composes two of traditional+cnn). Every
+# category mixes structural damage with contrast changes, so that 2AFC triplets often pit a
+# contrast change (large in L2, small to humans) against structural damage (the reverse).
+_TRADITIONAL = ("contrast", "saturation", "brightness", "shift", "gaussian_noise", "blur", "jpeg", "local_corruption")
+_CNN = ("contrast", "saturation", "smooth_warp", "checkerboard", "down_up_nearest", "sharpen")
 SYNTHETIC_CATEGORY_DISTORTIONS: Dict[str, Tuple[str, ...]] = {
     "traditional": _TRADITIONAL,
     "cnn": _CNN,
     "mix": tuple(sorted(set(_TRADITIONAL + _CNN))),
-    "color": ("color_cast", "saturation", "hue_shift", "brightness"),
-    "deblur": ("blur", "sharpen", "gaussian_noise", "shift"),
-    "frameinterp": ("ghosting", "shift", "smooth_warp", "blur"),
-    "superres": ("down_up_bilinear", "down_up_nearest", "sharpen", "shift"),
+    "color": ("contrast", "saturation", "color_cast", "hue_shift", "brightness", "gaussian_noise"),
+    "deblur": ("contrast", "blur", "sharpen", "gaussian_noise"),
+    "frameinterp": ("contrast", "ghosting", "blur", "shift", "smooth_warp"),
+    "superres": ("saturation", "down_up_bilinear", "down_up_nearest", "sharpen", "shift"),
 }
 
 
@@ -527,8 +535,8 @@ def write_synthetic_bapps(
     prefer p1 with probability P = sigmoid((D0 - D1) / judge_temperature), and the judge file holds
     the fraction of ``num_judges_*`` such humans who did (BAPPS had 2 per training triplet and 5 per
     validation triplet), so judge -> 1 when p1 is the perceptually closer one. The weights make
-    L2 a poor predictor (shifts and warps: big L2, small D; blur, blocking, corruptions: small L2,
-    big D), so a learned metric can beat it.
+    L2 a poor predictor (contrast and saturation changes: big L2, small D; blur, noise, blocking,
+    corruptions: small L2, big D), so a learned metric can beat it.
 
     JND pairs: p0 is a reference, p1 a distortion of it with distance D; the "same" file holds the
     fraction of ``num_judges_jnd`` humans who saw no difference, each with probability

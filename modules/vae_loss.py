@@ -203,6 +203,13 @@ class VAELoss(nn.Module):
         Returns (loss, logs): ``loss`` a scalar with graph; ``logs`` detached floats: rec, lpips
         (when lpips_weight > 0), kl or codebook, nll, and when the GAN is on g_loss,
         adaptive_weight (lambda, before disc_weight); always total.
+
+        Measuring lambda needs the nll's and the GAN loss's gradients, so when it is measured (GAN
+        on, adaptive weight, a graph, not fp16) both are backpropagated here, once each, to
+        ``recon`` (:func:`adaptive_gan_weight_at_output`); ``loss`` then carries them into the
+        autoencoder's graph: same value, same gradient, and ``loss.backward()`` runs through the
+        autoencoder only, not through LPIPS and D a second time as taming's two extra
+        ``autograd.grad`` calls do.
         """
         cfg = self.config
         logs: Dict[str, float] = {}

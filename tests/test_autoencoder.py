@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.models.attention_processor import Attention as DiffusersAttention
 from diffusers.models.downsampling import Downsample2D as DiffusersDownsample2D
@@ -25,7 +26,8 @@ from modules.autoencoder import (
     load_vae_state_dict_strict,
 )
 from modules.errors import UserError
-from modules.layers import Downsample, ResBlock, SelfAttention2d, Upsample, timestep_embedding, zero_module
+from modules.layers import (TRANSPOSED_UPSAMPLE_MIN_PIXELS, Downsample, ResBlock, SelfAttention2d, Upsample,
+                            nearest_upsample_conv_taps, timestep_embedding, zero_module)
 from modules.quantizer import VectorQuantizer
 
 TOL = 1e-4
@@ -88,7 +90,9 @@ def test_layers_load_diffusers_weights_and_match():
     ref = DiffusersUpsample2D(16, use_conv=True)
     ours = Upsample(16)
     ours.load_state_dict(ref.state_dict(), strict=True)
-    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-6)
+    # 8x8 input: ours runs as the equivalent transposed convolution (same products, summed in
+    # another order), so the two agree to float rounding of 144-term sums, not bit for bit.
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-5)
 
     ref = DiffusersAttention(16, heads=2, dim_head=8, norm_num_groups=4, eps=1e-6, residual_connection=True,
                              bias=True, _from_deprecated_attn_block=True)
@@ -98,6 +102,39 @@ def test_layers_load_diffusers_weights_and_match():
     torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-5)
     # head_dim is the other way to say the same thing
     assert SelfAttention2d(16, head_dim=8, num_groups=4).num_heads == 2
+
+
+@pytest.mark.parametrize("kernel,factor", [(3, 2), (4, 2), (5, 2), (3, 3), (2, 2)])
+def test_upsample_as_transposed_convolution_equals_interpolate_then_conv(kernel, factor):
+    # Large enough inputs take the transposed-convolution path; output and all gradients must be
+    # those of the literal nearest-upsample + convolution (also for even kernels' uneven padding).
+    torch.manual_seed(0)
+    up = Upsample(5, 6, kernel_size=kernel, factor=factor)
+    perturb_(up, scale=0.2)
+    x = torch.randn(2, 5, 9, 8, requires_grad=True)
+    assert up.transposed_taps is not None and 9 * 8 >= TRANSPOSED_UPSAMPLE_MIN_PIXELS
+    expected = F.interpolate(x, scale_factor=float(factor), mode="nearest")
+    if up.pad is not None:
+        expected = F.pad(expected, up.pad)
+    expected = up.conv(expected)
+    got = up(x)
+    assert got.shape == (2, 6, 9 * factor, 8 * factor)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(expected)
+    params = [x, up.conv.weight, up.conv.bias]
+    for a, b in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    # A forced output size other than factor x input (the UNet's odd skips) takes the literal path.
+    odd = up(x, output_size=(9 * factor - 1, 8 * factor - 1))
+    assert odd.shape == (2, 6, 9 * factor - 1, 8 * factor - 1)
+
+
+def test_upsample_transposed_taps_for_kernel_3_factor_2():
+    taps, padding, output_padding = nearest_upsample_conv_taps(3, 2, 1)
+    # Output row 2m uses x[m-1] with w0 and x[m] with w1 + w2; row 2m + 1 uses x[m] with w0 + w1
+    # and x[m+1] with w2. Transposed taps 3, 1 (even rows) and 2, 0 (odd rows).
+    assert taps.tolist() == [[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]]
+    assert (padding, output_padding) == (1, 0)
 
 
 @pytest.mark.parametrize("kernel,factor", [(3, 2), (4, 2), (5, 2), (3, 3), (2, 2)])

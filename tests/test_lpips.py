@@ -186,6 +186,33 @@ def test_frozen_trunk_mode():
     assert all(p.grad is None for p in model.trunk.parameters())
 
 
+def test_one_sided_gradient_runs_the_other_image_without_graph():
+    # As a training loss only the reconstruction needs a gradient: the target then goes through
+    # the trunk separately under no_grad, and distances and gradients equal the batched call's.
+    torch.manual_seed(0)
+    model = LPIPS("squeeze", pretrained_backbone=False).eval()
+    calls = []
+    model.trunk.register_forward_hook(lambda m, inputs, out: calls.append((inputs[0].shape[0], torch.is_grad_enabled())))
+    x0, x1 = image_pair(batch=2, size=32)
+    both = [x0.clone().requires_grad_(True), x1.clone().requires_grad_(True)]
+    expected = model(*both)
+    expected_grads = torch.autograd.grad(expected.sum(), both)
+    assert calls == [(4, True)]  # both need a gradient: one batched call
+    for side in (0, 1):
+        calls.clear()
+        inputs = [x0.clone(), x1.clone()]
+        inputs[side].requires_grad_(True)
+        got = model(*inputs)
+        assert calls == [(2, False), (2, True)]  # the image without a graph first, under no_grad
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+        grad = torch.autograd.grad(got.sum(), inputs[side])[0]
+        torch.testing.assert_close(grad, expected_grads[side], rtol=1e-4, atol=1e-7)
+    calls.clear()
+    with torch.no_grad():
+        model(x0, x1)
+    assert calls == [(4, False)]  # evaluation keeps the single batched call
+
+
 def test_tune_mode_trains_trunk():
     model = LPIPS("squeeze", pretrained_backbone=False, train_backbone=True)
     trainable = list(model.trainable_parameters())

@@ -196,6 +196,44 @@ def test_gan_term_with_adaptive_weight_after_disc_start(disc_loss):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("fp16_path", [False, True])
+def test_adaptive_weight_path_runs_lpips_and_discriminator_backward_once(monkeypatch, fp16_path):
+    # The default path backpropagates the nll and the GAN loss once each to recon (lambda from the
+    # last layer's gradients, the backward through the decoder only); under fp16 loss scaling the
+    # taming path runs instead (a second pass through LPIPS and D). Both give the same lambda, loss
+    # and autoencoder gradients.
+    import modules.vae_loss as vae_loss_module
+
+    monkeypatch.setattr(vae_loss_module, "_fp16_loss_scaling", lambda recon: fp16_path)
+    vae, perceptual, disc, x, loss = _setup(lpips_weight=0.5, kl_weight=1e-2, disc_start=0, disc_weight=0.8)
+    passes = {"lpips": 0, "disc": 0}
+
+    def count(name):
+        def hook(module, inputs, output):
+            output.register_hook(lambda grad: passes.__setitem__(name, passes[name] + 1))
+        return hook
+
+    perceptual.register_forward_hook(count("lpips"))
+    disc.register_forward_hook(count("disc"))
+    last = vae.conv_out.weight
+    recon, posterior = vae(x)
+    total, logs = loss.generator_loss(x, recon, posterior, step=0, discriminator=disc, last_layer_weight=last)
+    grads = torch.autograd.grad(total, list(vae.parameters()))
+    assert passes == ({"lpips": 2, "disc": 2} if fp16_path else {"lpips": 1, "disc": 1})
+
+    recon, posterior = vae(x)
+    nll = _manual_nll(x, recon, perceptual, 0.5)
+    g = -disc(recon).mean()
+    lam = (torch.autograd.grad(nll, last, retain_graph=True)[0].norm()
+           / (torch.autograd.grad(g, last, retain_graph=True)[0].norm() + 1e-4))
+    expected = nll + 1e-2 * _manual_kl(posterior) + 0.8 * lam.detach() * g
+    assert logs["adaptive_weight"] == pytest.approx(lam.item(), rel=1e-5)
+    assert logs["total"] == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(total.detach(), expected.detach())
+    for a, b in zip(grads, torch.autograd.grad(expected, list(vae.parameters()))):
+        torch.testing.assert_close(a, b)
+
+
 def test_adaptive_weight_off_uses_lambda_one():
     vae, perceptual, disc, x, loss = _setup(lpips_weight=0.0, kl_weight=0.0, disc_start=0, disc_weight=0.3,
                                             use_adaptive_weight=False)
