@@ -519,7 +519,7 @@ def describe_run(script: str, argv: Sequence[str]) -> Dict[str, Any]:
     return {
         "script": script,
         "argv": list(argv),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "accelerate": accelerate.__version__,
     }
 

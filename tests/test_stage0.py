@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import pytest
@@ -32,7 +32,7 @@ ACCELERATE = Path(sys.executable).parent / "accelerate"
 VAL_CATEGORIES = list(TWOAFC_CATEGORIES["val"])
 TIMEOUT = 300
 
-# The learning setting (also `make demo`'s): a frozen random SqueezeNet trunk ("lin" mode on a
+# The learning setting: a frozen random SqueezeNet trunk ("lin" mode on a
 # trunk nobody pretrained), linear heads learned from the judgements at a high rate, 2 + 1 epochs.
 LEARNING_FLAGS = ["--backbone", "squeeze", "--no-pretrained_backbone", "--use_dropout", "--img_size", "64",
                   "--batch_size", "25", "--initial_lr", "1e-2", "--num_epochs", "2", "--decay_epochs", "1",
@@ -49,7 +49,7 @@ SMALL_STEPS_PER_EPOCH = 6
 def child_env(**extra: str) -> Dict[str, str]:
     env = dict(os.environ)
     env.update(OFFLINE_ENV)
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
 
@@ -419,13 +419,16 @@ def subprocess_runs(bad_cases, learned, learning_tree, tmp_path_factory):
     processes = {case: subprocess.Popen([sys.executable, str(TRAINER), *bad_cases[case][0]], cwd=REPO_ROOT,
                                         env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for case in SUBPROCESS_CASES}
-    # Re-evaluating the learned metric from its file, where the lpips package finds no cached trunk.
+    # Re-evaluating the learned metric from its file, where the lpips package finds no cached trunk
+    # and (through a proxy that refuses every connection) no network to download one from.
     learned_work, _ = learned
     argv = [sys.executable, str(TRAINER), "--path_to_root", str(learning_tree), "--work_dir", str(learned_work),
             "--evaluation_only", "--eval_lpips_pkg", "--backbone", "squeeze", "--img_size", "64", "--batch_size", "50",
             "--num_workers", "0"]
     empty_home = tmp_path_factory.mktemp("empty_torch_home")
-    processes["evaluation_only"] = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(TORCH_HOME=str(empty_home)),
+    no_network = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "no_proxy": ""}
+    processes["evaluation_only"] = subprocess.Popen(argv, cwd=REPO_ROOT,
+                                                    env=child_env(TORCH_HOME=str(empty_home), **no_network),
                                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     outputs = {}
     for case, process in processes.items():
