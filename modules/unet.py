@@ -21,7 +21,8 @@ Three conditionings, switched in :class:`UNetConfig`:
 
 The architecture is exactly diffusers' ``UNet2DConditionModel`` with ``use_linear_projection=True``
 (same parameter count; tests/test_unet.py loads its weights and matches its output), written
-leaner: fused q/k/v and k/v projections, SDPA, no per-call processor dispatch or no-op rescaling.
+leaner: fused q/k/v and k/v projections, SDPA, no per-call processor dispatch or no-op rescaling,
+and cross-attention to the batch's longest caption only when a padding mask is given.
 ``benchmarks/bench_unet.py`` compares one training step of the two.
 """
 from __future__ import annotations
@@ -49,6 +50,7 @@ __all__ = [
     "UNet",
     "UNetConfig",
     "UpBlock",
+    "trim_padding",
 ]
 
 DOWN_BLOCK_TYPES = ("AttnDown", "Down")
@@ -228,6 +230,35 @@ def key_padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
     bias = bias.masked_fill(~mask.bool(), torch.finfo(dtype).min)  # (B, L)
     return bias[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
+
+
+def trim_padding(
+    context: torch.Tensor, context_mask: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Drop the trailing context positions that are padding in every row, and a mask that masks nothing.
+
+    CLIP captions are padded to 77 tokens but are mostly much shorter; a masked key gets softmax
+    weight exactly 0, so cutting the columns that no row attends to changes no output while every
+    cross-attention then projects and attends to the longest caption of the batch only. When every
+    remaining position is real the mask is dropped (SDPA then takes its unmasked path). A row with no
+    real token at all keeps the whole, untrimmed context (it attends uniformly, see
+    :func:`key_padding_bias`). One host sync per forward for the length.
+
+    Shapes: context (B, L, D), context_mask (B, L) bool or None -> (B, L', D), (B, L') or None.
+    """
+    if context_mask is None:
+        return context, None
+    mask = context_mask.bool()
+    if mask.shape != context.shape[:2]:
+        raise ValueError(f"context_mask must be (B, L) = {tuple(context.shape[:2])}, got {tuple(mask.shape)}")
+    if not bool(mask.any(dim=1).all()):
+        return context, mask  # a row with no real token: keep its uniform attention over all L
+    used = mask.any(dim=0)  # (L,) positions real in some row
+    length = int(used.nonzero().max()) + 1
+    mask = mask[:, :length]
+    if bool(mask.all()):
+        return context[:, :length], None
+    return context[:, :length], mask
 
 
 class SelfAttention(nn.Module):
@@ -628,7 +659,7 @@ class UNet(nn.Module):
         if self.class_embed is not None:
             emb = emb + self.class_embed(class_labels)  # (B, time_embed_proj_dim)
         if context is not None:
-            context = context.to(dtype)
+            context, context_mask = trim_padding(context.to(dtype), context_mask)
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
         h = self.conv_in(x.to(dtype))  # (B, C0, H, W)

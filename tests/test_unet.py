@@ -147,6 +147,45 @@ def test_rows_with_different_lengths_are_masked_independently():
     torch.testing.assert_close(batched[1:], second, atol=1e-5, rtol=0)
 
 
+def test_trim_padding_cuts_only_the_columns_no_row_uses():
+    context = torch.randn(3, 6, TEXT_DIM)
+    holes = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    trimmed, mask = unet_module.trim_padding(context, holes)
+    assert torch.equal(trimmed, context[:, :4]) and torch.equal(mask, holes[:, :4])
+    trimmed, mask = unet_module.trim_padding(context, torch.tensor([[1, 1, 0, 0, 0, 0]] * 3, dtype=torch.bool))
+    assert torch.equal(trimmed, context[:, :2]) and mask is None  # nothing left to mask
+    empty_row = holes.clone()
+    empty_row[1] = False  # attends uniformly over all 6 positions: must not be trimmed
+    trimmed, mask = unet_module.trim_padding(context, empty_row)
+    assert trimmed is context and torch.equal(mask, empty_row)
+    assert unet_module.trim_padding(context, None) == (context, None)
+    with pytest.raises(ValueError, match="context_mask must be"):
+        unet_module.trim_padding(context, holes[:, :5])
+
+
+def test_trimmed_forward_and_gradients_equal_the_fully_masked_ones(monkeypatch):
+    """The speed-up changes nothing: the UNet with trimming equals the UNet attending to all 6
+    positions under the mask, outputs and every parameter gradient."""
+    torch.manual_seed(0)
+    model = randomize(UNet(tiny_config(text_conditioning=True)))
+    x, t, context = inputs(length=6)
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+
+    def run():
+        model.zero_grad()
+        out = model(x, t, context, mask)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out_trimmed, grads_trimmed = run()
+    monkeypatch.setattr(unet_module, "trim_padding", lambda c, m: (c, m))
+    out_full, grads_full = run()
+    torch.testing.assert_close(out_trimmed, out_full, atol=1e-5, rtol=0)
+    assert grads_trimmed.keys() == grads_full.keys()
+    for name in grads_full:
+        torch.testing.assert_close(grads_trimmed[name], grads_full[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 # ------------------------------------------------------------------------------------------
 # gradient checkpointing
 # ------------------------------------------------------------------------------------------
