@@ -80,6 +80,7 @@ from modules.training import (
     MetricsLogger,
     add_common_training_args,
     build_accelerator,
+    build_adamw,
     build_dataloader,
     build_lr_scheduler,
     describe_run,
@@ -442,10 +443,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
 
     # -- optimizer --------------------------------------------------------------------
     betas = (train.optimizer_beta1, train.optimizer_beta2)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=train.learning_rate, betas=betas,
-                                  weight_decay=train.optimizer_weight_decay)
-    disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=train.disc_learning_rate, betas=betas,
-                                       weight_decay=train.optimizer_weight_decay)
+    optimizer = build_adamw(vae.parameters(), lr=train.learning_rate, betas=betas,
+                            weight_decay=train.optimizer_weight_decay)
+    disc_optimizer = build_adamw(discriminator.parameters(), lr=train.disc_learning_rate, betas=betas,
+                                 weight_decay=train.optimizer_weight_decay)
     scheduler = build_lr_scheduler(optimizer, train.lr_scheduler, train.lr_warmup_steps,
                                    train.total_training_iterations)
     # The discriminator's schedule counts its own steps, which begin at disc_start.

@@ -69,6 +69,7 @@ from modules.training import (
     MetricsLogger,
     add_common_training_args,
     build_accelerator,
+    build_adamw,
     build_dataloader,
     build_lr_scheduler,
     describe_run,
@@ -530,9 +531,8 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     # -- optimizer ----------------------------------------------------------------------
     trained: List[torch.nn.Module] = [unet] + ([text_encoder] if train_cfg.train_text_encoder else [])
     parameters = [p for module in trained for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=train_cfg.learning_rate,
-                                  betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-                                  weight_decay=train_cfg.adam_weight_decay, eps=train_cfg.adam_epsilon)
+    optimizer = build_adamw(parameters, lr=train_cfg.learning_rate, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+                            weight_decay=train_cfg.adam_weight_decay, eps=train_cfg.adam_epsilon)
     # Stepped once per optimizer step (not prepared): the same schedule for any number of processes.
     scheduler = build_lr_scheduler(optimizer, train_cfg.lr_scheduler, train_cfg.lr_warmup_steps,
                                    train_cfg.total_training_iterations)

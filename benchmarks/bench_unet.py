@@ -3,8 +3,10 @@
 One step = forward + MSE loss + backward + AdamW step, on random latents, timesteps and text
 hidden states. Both models are built with the same levels, channels, layers, heads, transformer
 depth, cross-attention width and time-embedding size; the script checks that their parameter
-counts are equal before timing them. Both get the same AdamW (``--optimizer``: torch's default
-implementation, as stage2_diffusion_trainer.py uses, or the foreach / fused one). Steps of the
+counts are equal before timing them. Both get the same AdamW (``--optimizer``: the fused one, as
+stage2_diffusion_trainer.py uses through ``modules.training.build_adamw``, or torch's default /
+foreach implementation). With ``--context_mask`` both get a padding mask for the text tokens
+(``--caption_tokens``: real tokens per caption, drawn uniformly up to that many). Steps of the
 two models are interleaved in rounds so that clock drift and thermal state affect both alike; the
 table reports the median ms/step and the speed-up of the medians and of the minima (the minimum
 is the better estimate on a busy, shared machine).
@@ -49,12 +51,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=10, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     p.add_argument("--context_mask", action="store_true", help="pass a padding mask for the text tokens to both")
+    p.add_argument("--caption_tokens", type=int, default=0,
+                   help="with --context_mask: real tokens per caption drawn from [2, this] (0: context_length)")
     p.add_argument("--channels_last", action="store_true", help="channels_last memory format for both")
     p.add_argument("--gradient_checkpointing", action="store_true", help="activation checkpointing for both")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: library default)")
-    p.add_argument("--optimizer", choices=("default", "foreach", "fused"), default="default",
-                   help="AdamW implementation of both models: torch's default (per-parameter loop on CPU, "
-                        "foreach on CUDA), foreach or fused")
+    p.add_argument("--optimizer", choices=("default", "foreach", "fused"), default="fused",
+                   help="AdamW implementation of both models: fused (as the trainers), torch's default "
+                        "(per-parameter loop on CPU, foreach on CUDA) or foreach")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -141,7 +145,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "context": torch.randn(b, args.context_length, text_dim, device=device),
     }
     if args.context_mask:
-        lengths = torch.randint(2, args.context_length + 1, (b,), device=device)
+        longest = args.caption_tokens or args.context_length
+        if not 2 <= longest <= args.context_length:
+            raise SystemExit(f"--caption_tokens must be in [2, {args.context_length}], got {longest}")
+        lengths = torch.randint(2, longest + 1, (b,), device=device)
         inputs["mask"] = torch.arange(args.context_length, device=device)[None, :] < lengths[:, None]  # (B, L)
     autocast_dtype = None if args.dtype == "float32" else DTYPES[args.dtype]
     steps = {"ours": make_step(ours, False, inputs, autocast_dtype, args.optimizer),
@@ -176,8 +183,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print("-|-".join("-" * w for w in widths))
     print(" | ".join(r.ljust(w) for r, w in zip(row, widths)))
     extras = [k for k in ("context_mask", "channels_last", "gradient_checkpointing") if getattr(args, k)]
-    if args.optimizer != "default":
-        extras.append(f"{args.optimizer} AdamW")
+    if args.context_mask and args.caption_tokens:
+        extras.append(f"captions of 2-{args.caption_tokens} tokens")
+    extras.append(f"{args.optimizer} AdamW")
     if extras:
         print("options: " + ", ".join(extras))
 

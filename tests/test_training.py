@@ -11,6 +11,7 @@ from modules.training import (
     MetricsLogger,
     TrainerState,
     build_accelerator,
+    build_adamw,
     build_dataloader,
     build_lr_scheduler,
     export_safetensors,
@@ -114,6 +115,32 @@ def test_export_round_trip_and_metadata(tmp_path):
         read_export(tmp_path / "junk.safetensors")
     with pytest.raises(UserError, match="weights file not found"):
         read_export(tmp_path / "none.safetensors")
+
+
+def test_build_adamw_is_fused_adamw_with_the_same_updates():
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3), torch.randn(7)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(4)]
+
+    def train(make):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = make(params)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        return opt, params
+
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, eps=1e-8)
+    fused, fused_params = train(lambda ps: build_adamw(ps, **kwargs))
+    plain, plain_params = train(lambda ps: torch.optim.AdamW(ps, **kwargs))
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    for a, b in zip(fused_params, plain_params):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(fused_params[0].detach(), weights[0])  # the steps did move the weights
+    # No fused kernel for this device type: the default implementation, same interface.
+    meta = build_adamw([torch.nn.Parameter(torch.empty(3, device="meta"))], lr=1e-3)
+    assert not meta.defaults["fused"]
 
 
 def test_lr_multiplier_shapes():
