@@ -70,7 +70,8 @@ for prompt in "a red circle on a blue background" "a yellow square on a black ba
 done
 if [ -f benchmarks/bench_quality.py ]; then
   section "6. quality: held-out PSNR of the VAE, prompt accuracy of the samples"
+  # Held-out images: shapes rendered on the fly with another seed than the training data's.
   python benchmarks/bench_quality.py --vae "$OUT/vae/model.safetensors" --ldm "$OUT/diffusion/model.safetensors" \
-    --dataset conceptual_captions --path_to_dataset "$OUT/shapes_hf"
+    --dataset shapes --shapes_seed 12345 --num_images 512 --lpips "$OUT/lpips/lpips_demo.safetensors"
 fi
 echo; echo "demo finished in $(( $(date +%s) - start )) s; outputs under $OUT/"
