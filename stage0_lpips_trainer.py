@@ -86,6 +86,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     train.add_argument("--work_dir", required=True, help="where checkpoints and the final metric go")
     train.add_argument("--experiment_name", default="LPIPSTrainer", help="run folder inside --work_dir")
     train.add_argument("--checkpoint_name", default="lpips.pt", help="file name of the final metric in --work_dir")
+    train.add_argument("--checkpoints_total_limit", type=int, default=3,
+                       help="keep the newest N epoch checkpoints, delete older ones (0: keep all)")
     train.add_argument("--batch_size", type=positive_int, default=50, help="triplets per process per step")
     train.add_argument("--eval_batch_size", type=positive_int, default=None, help="default: --batch_size")
     train.add_argument("--num_epochs", type=int, default=5, help="epochs at the initial learning rate")
@@ -106,6 +108,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--num_epochs and --decay_epochs must be >= 0 and add up to at least 1")
     if args.initial_lr <= 0:
         parser.error(f"--initial_lr must be > 0, got {args.initial_lr}")
+    if args.checkpoints_total_limit < 0:
+        parser.error(f"--checkpoints_total_limit must be >= 0 (0 keeps all), got {args.checkpoints_total_limit}")
     return args
 
 
@@ -321,7 +325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     accelerator.register_for_checkpointing(scheduler)
 
     # -- resume -------------------------------------------------------------------------
-    checkpoints = CheckpointManager(accelerator, run_dir, total_limit=None)
+    checkpoints = CheckpointManager(accelerator, run_dir, total_limit=args.checkpoints_total_limit or None)
     if args.resume_from_checkpoint is None:
         checkpoints.check_fresh_start()
     seed_per_process(accelerator, args.seed)  # before resume: a checkpoint's saved RNG states then win

@@ -156,16 +156,17 @@ def tutorial_run(tiny_tree, vgg_torch_home, tmp_path_factory):
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     yield work, result
-    for checkpoint in (work / "LPIPSTrainer").glob("checkpoint_*"):  # 15 x 60 MB of frozen VGG: not kept
+    for checkpoint in (work / "LPIPSTrainer").glob("checkpoint_*"):  # 3 x 60 MB of frozen VGG: not kept
         shutil.rmtree(checkpoint)
 
 
 def test_tutorial_command_writes_checkpoint_and_table(tutorial_run, vgg_torch_home):
     work, result = tutorial_run
     run_dir = work / "LPIPSTrainer"
-    # 30 triplets at --batch_size 25: one step per epoch, 10 + 5 epochs, a resumable checkpoint each.
+    # 30 triplets at --batch_size 25: one step per epoch, 10 + 5 epochs, a resumable checkpoint each;
+    # the default --checkpoints_total_limit 3 keeps the newest three.
     assert "training vgg LPIPS on 30 triplets: 15 epochs x 1 steps, 1 process(es)" in result.stderr
-    assert checkpoint_steps(run_dir) == list(range(1, 16))
+    assert checkpoint_steps(run_dir) == [13, 14, 15]
     assert "mixed precision bf16" in result.stderr  # --mixed_precision on a CPU: bf16 autocast
     for name in ("config.yaml", "metrics.jsonl", "loss_curve.png", "eval_results.json"):
         assert (run_dir / name).is_file(), name
