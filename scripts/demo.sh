@@ -3,7 +3,7 @@
 #   synthetic BAPPS -> stage 0 LPIPS -> shapes (img2dataset parquet) -> prep_cc.py -> stage 1 KL-VAE
 #   -> compute_vae_scaling.py -> stage 2 text-conditional latent UNet -> inference_ldm.py
 # Everything goes under $1 (default demo_out/). The models are small (configs/demo/) so that it runs in
-# minutes; the commands are the tutorial's.
+# about half an hour on 2 CPU cores (run it alone); the commands are the tutorial's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-demo_out}
