@@ -186,8 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.context_mask and args.caption_tokens:
         extras.append(f"captions of 2-{args.caption_tokens} tokens")
     extras.append(f"{args.optimizer} AdamW")
-    if extras:
-        print("options: " + ", ".join(extras))
+    print("options: " + ", ".join(extras))
 
 
 if __name__ == "__main__":

@@ -251,14 +251,14 @@ def trim_padding(
     mask = context_mask.bool()
     if mask.shape != context.shape[:2]:
         raise ValueError(f"context_mask must be (B, L) = {tuple(context.shape[:2])}, got {tuple(mask.shape)}")
-    if not bool(mask.any(dim=1).all()):
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)  # (L,) 1-based
+    counts = mask.sum(dim=1)  # (B,) real tokens per row
+    length = (mask.any(dim=0) * positions).max()  # last position real in some row
+    # Every real token lies in the first ``length`` positions, so a row with ``length`` of them is all real.
+    fewest, length, all_real = torch.stack([counts.min(), length, (counts == length).all()]).tolist()
+    if fewest == 0:
         return context, mask  # a row with no real token: keep its uniform attention over all L
-    used = mask.any(dim=0)  # (L,) positions real in some row
-    length = int(used.nonzero().max()) + 1
-    mask = mask[:, :length]
-    if bool(mask.all()):
-        return context[:, :length], None
-    return context[:, :length], mask
+    return context[:, :length], (None if all_real else mask[:, :length])
 
 
 class SelfAttention(nn.Module):

@@ -74,8 +74,9 @@ def make_model(prediction_type: str, alphas_cumprod: torch.Tensor, seed: int = 0
     return model_fn
 
 
-def run_pair(ours, ref, model_fn, noises, ref_step) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run both samplers from the same x_T over their (equal) timesteps; return both final samples."""
+def assert_same_trajectory(ours, ref, model_fn, noises, ref_step) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run both samplers from the same x_T over their (equal) timesteps, asserting equal timesteps and
+    equal samples after every step (to TOL); return both final samples."""
     assert torch.equal(ours.timesteps, ref.timesteps)
     x_ours = x_ref = noises[-1]
     for i, t in enumerate(ours.timesteps.tolist()):
@@ -205,7 +206,7 @@ def test_ddpm_trajectory_equals_diffusers(beta_schedule, prediction_type, spacin
     ref.set_timesteps(10)
     ours.set_timesteps(10)
     model_fn = make_model(prediction_type, ref.alphas_cumprod)
-    x_ours, _ = run_pair(ours, ref, model_fn, draws(10), ddpm_ref_step(monkeypatch))
+    x_ours, _ = assert_same_trajectory(ours, ref, model_fn, draws(10), ddpm_ref_step(monkeypatch))
     assert x_ours.abs().max() < 10  # the denoiser-like model keeps the chain bounded
 
 
@@ -219,7 +220,7 @@ def test_ddpm_variants_equal_diffusers(variance_type, clip_sample, n, monkeypatc
     ours = DDPMSampler(schedule, variance_type=variance_type, clip_sample=clip_sample)
     ref.set_timesteps(n)
     ours.set_timesteps(n)
-    run_pair(ours, ref, make_model("epsilon", ref.alphas_cumprod), draws(n), ddpm_ref_step(monkeypatch))
+    assert_same_trajectory(ours, ref, make_model("epsilon", ref.alphas_cumprod), draws(n), ddpm_ref_step(monkeypatch))
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
@@ -233,7 +234,7 @@ def test_ddim_trajectory_equals_diffusers(beta_schedule, prediction_type, spacin
     ref.set_timesteps(10)
     ours.set_timesteps(10)
     model_fn = make_model(prediction_type, ref.alphas_cumprod)
-    x_ours, _ = run_pair(ours, ref, model_fn, draws(10), ddim_ref_step(eta))
+    x_ours, _ = assert_same_trajectory(ours, ref, model_fn, draws(10), ddim_ref_step(eta))
     assert x_ours.abs().max() < 10
 
 
@@ -250,7 +251,7 @@ def test_ddim_variants_equal_diffusers(spacing, n, eta, set_alpha_to_one, clip_s
     )
     ref.set_timesteps(n)
     ours.set_timesteps(n)
-    run_pair(ours, ref, make_model("v_prediction", ref.alphas_cumprod), draws(n), ddim_ref_step(eta))
+    assert_same_trajectory(ours, ref, make_model("v_prediction", ref.alphas_cumprod), draws(n), ddim_ref_step(eta))
 
 
 def test_ddpm_and_ddim_eta1_draw_noise_from_the_generator_like_diffusers():
