@@ -49,9 +49,13 @@ from modules.autoencoder import VQModel
 from modules.cli import run_main
 from modules.config import dump_yaml, find_config_file, load_yaml, parse_yaml_text
 from modules.errors import UserError
-from modules.image_datasets import build_dataset, dataset_conditioning
+from modules.image_datasets import build_dataset, dataset_conditioning, images_to_model
 from modules.model_config import ldm_config_from_dict, load_ldm_config
-from modules.training import build_accelerator, build_dataloader, positive_int, progress_bar, read_export_metadata
+from modules.accelerator import build_accelerator
+from modules.cli import positive_int
+from modules.data_loading import build_dataloader
+from modules.export import read_export_metadata
+from modules.metrics import progress_bar
 from modules.vae_io import load_vae, set_export_metadata, vae_config_from_metadata
 
 logger = logging.getLogger("ldm")
@@ -91,7 +95,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------
 
 class IndexedImages(Dataset):
-    """(index, image) pairs of a dataset, so each image's posterior noise can be seeded by its index."""
+    """(index, uint8 image (3, H, W)) pairs of a dataset, so each image's posterior noise can be
+    seeded by its index."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -119,7 +124,7 @@ def noise_for(indices: torch.Tensor, shape: Sequence[int], seed: int) -> torch.T
 
 @torch.no_grad()
 def encode_latents(model: torch.nn.Module, images: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
-    """The latents the diffusion model would see, (B, C, h, w) float32.
+    """The latents the diffusion model would see, (B, C, h, w) float32, of float images in [-1, 1].
 
     KL: a posterior sample, mean + std * eps (Kingma & Welling 2014, eq. 10) with eps from
     :func:`noise_for`. VQ: the pre-quantization latents (the encoder's output after quant_conv).
@@ -260,6 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     latent_shape: Optional[Tuple[int, ...]] = None
     bar = progress_bar(accelerator, len(loader), desc="encode")
     for indices, images in loader:
+        images = images_to_model(images, accelerator.device)  # uint8 (B, 3, H, W) -> [-1, 1] on the device
         latents = encode_latents(model, images, indices, args.seed)
         latent_shape = tuple(latents.shape[1:])
         mean, m2 = per_sample_moments(latents)

@@ -19,7 +19,7 @@ import argparse
 from typing import Optional, Sequence
 
 from modules.cli import run_main
-from modules.training import positive_int, setup_logging
+from modules.cli import positive_int, setup_logging
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

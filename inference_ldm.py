@@ -33,10 +33,10 @@ import torch
 from modules.cli import run_main
 from modules.config import to_dict
 from modules.errors import UserError
-from modules.image_datasets import DATASET_NAMES, build_image_transform
+from modules.image_datasets import DATASET_NAMES, build_image_transform, images_to_model
 from modules.ldm_io import LatentDiffusion, load_ldm_export
 from modules.model_config import LDMConfig, load_ldm_config
-from modules.training import positive_int, setup_logging
+from modules.cli import positive_int, setup_logging
 
 logger = logging.getLogger("ldm")
 REPO_ROOT = Path(__file__).resolve().parent
@@ -116,7 +116,8 @@ def resolve_class_label(text: str, model: LatentDiffusion) -> int:
 
 
 def load_init_image(path: str, img_size: int, count: int) -> torch.Tensor:
-    """The img2img start image: resized (short side) and center-cropped to the model's size, (count, 3, S, S)."""
+    """The img2img start image: resized (short side) and center-cropped to the model's size,
+    (count, 3, S, S) float32 in [-1, 1]."""
     from PIL import Image, UnidentifiedImageError
 
     file = Path(path)
@@ -127,8 +128,9 @@ def load_init_image(path: str, img_size: int, count: int) -> torch.Tensor:
             image = img.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
         raise UserError(f"--init_image {path}: not a readable image ({err})") from None
-    tensor = build_image_transform(img_size, crop="center")(image)  # (3, S, S) in [-1, 1]
-    return tensor.unsqueeze(0).expand(count, -1, -1, -1)
+    pixels = build_image_transform(img_size, crop="center")(image)  # (3, S, S) uint8
+    tensor = images_to_model(pixels.unsqueeze(0), "cpu")  # (1, 3, S, S) in [-1, 1]
+    return tensor.expand(count, -1, -1, -1)
 
 
 def output_paths(output: str, count: int, slug: str, seed: int) -> List[Path]:

@@ -21,11 +21,21 @@ sorted by path, rows in file order).
 Captions are tokenized with the CLIP tokenizer of ``--hf_clip_model_name`` (hub name or local
 folder, :class:`modules.text_encoder.TextEncoder`): ``input_ids`` / ``attention_mask`` of
 ``tokenizer.model_max_length`` (77) tokens, longer captions truncated and counted. With
-``--pre_encode_text`` the CLIP text transformer's last hidden states, (77, D) per caption, the
-conditioning of Stable Diffusion (Rombach et al. 2022, sec. 3.3), are computed in
-``--gpu_batch_size`` batches in ``--dtype`` on ``--device`` (the GPU when there is one) and stored
-as ``text_embeddings`` (float16 for ``--dtype float16``, else float32: Arrow has no bfloat16, and
-float32 holds every bfloat16 value exactly).
+``--pre_encode_text`` the CLIP text transformer's last hidden states, the conditioning of Stable
+Diffusion (Rombach et al. 2022, sec. 3.3), are computed in ``--gpu_batch_size`` batches in
+``--dtype`` on ``--device`` (the GPU when there is one) and stored as ``text_embeddings``:
+
+- trimmed to each caption's L_i real tokens (start and end tokens included), (L_i, D) in a
+  ``datasets.Array2D(shape=(None, D))`` column (variable first dimension, memory-mapped, read
+  with numpy without Python lists). The padding rows are not worth storing: the UNet masks them
+  out of cross-attention, and CLIP's causal attention makes the real tokens' states independent
+  of them. ``attention_mask.sum()`` is L_i;
+- in ``--dtype``: float32 and float16 as such; bfloat16 as its raw bits in uint16 (Arrow has no
+  bfloat16), recorded as ``stored_dtype: "bfloat16"`` in ``prep_cc_summary.json``;
+  :class:`modules.image_datasets.CaptionedArrowDataset` views them back as ``torch.bfloat16``.
+
+For CLIP ViT-L/14 (D = 768) that is 2 * 768 * L_i bytes per caption in 16 bits instead of the
+4 * 768 * 77 = 236,544 of untrimmed float32 (docs/RESULTS.md has the figures for CC3M).
 
 Streaming: shards are read ``--cpu_batch_size`` rows at a time (``ParquetFile.iter_batches``);
 ``--num_cpu_workers`` processes decode one batch while the main process tokenizes, encodes and
@@ -33,8 +43,9 @@ writes the previous one. Rows go to an Arrow file in a staging folder next to ``
 ``datasets.Dataset.save_to_disk`` then turns into the final dataset (so the disk briefly holds the
 kept images twice); ``<OUT>`` only appears, complete, at the end. Columns: ``image``, ``caption``,
 ``input_ids``, ``attention_mask``, [``text_embeddings``], ``key``, ``url``, ``width``, ``height``
-(the decoded size). ``<OUT>/prep_cc_summary.json`` records the counts printed at the end and the
-text encoder used. An existing ``<OUT>`` is an error unless ``--overwrite`` is given.
+(the decoded size). ``<OUT>/prep_cc_summary.json`` records the counts printed at the end, the
+text encoder used (``hf_clip_model_name``) and the embeddings' dtype, token count and bytes of
+values per caption. An existing ``<OUT>`` is an error unless ``--overwrite`` is given.
 """
 from __future__ import annotations
 
@@ -63,6 +74,8 @@ IMAGE_COLUMNS: Tuple[str, ...] = ("jpg", "png", "webp")  # img2dataset's --encod
 REQUIRED_COLUMNS: Tuple[str, ...] = ("caption", "status")
 OPTIONAL_COLUMNS: Tuple[str, ...] = ("key", "url")  # carried over for provenance, null when absent
 DTYPES: Tuple[str, ...] = ("float32", "float16", "bfloat16")
+# The Arrow type holding text embeddings of each --dtype: Arrow has no bfloat16, so its bits go in uint16.
+ARROW_DTYPES: Dict[str, str] = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
 SUMMARY_FILE = "prep_cc_summary.json"
 SAVED_DATASET_FILES: Tuple[str, ...] = ("state.json", "dataset_info.json", "dataset_dict.json")
 
@@ -94,7 +107,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--num_cpu_workers", type=int, default=os.cpu_count() or 1,
                         help="image-decoding processes (0: decode in the main process)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
-                        help="text-encoder dtype for --pre_encode_text")
+                        help="text-encoder dtype for --pre_encode_text, and the dtype its states are stored in")
     parser.add_argument("--pre_encode_text", action="store_true",
                         help="also store the text encoder's last hidden states as text_embeddings")
     parser.add_argument("--device", default=None,
@@ -318,7 +331,8 @@ def resolve_device(device: Optional[str]) -> "torch.device":
 
 
 def build_features(max_length: int, hidden_size: Optional[int], embedding_dtype: Optional[str]) -> Any:
-    """The output schema; ``text_embeddings`` only when ``hidden_size`` is given."""
+    """The output schema; ``text_embeddings`` (L_i, hidden_size) of ``embedding_dtype`` (one of
+    :data:`DTYPES`, bfloat16 as uint16 bits) only when ``hidden_size`` is given."""
     import datasets
 
     columns: Dict[str, Any] = {
@@ -328,21 +342,39 @@ def build_features(max_length: int, hidden_size: Optional[int], embedding_dtype:
         "attention_mask": datasets.List(datasets.Value("int8"), length=max_length),
     }
     if hidden_size is not None:
-        columns["text_embeddings"] = datasets.Array2D(shape=(max_length, hidden_size), dtype=embedding_dtype)
+        columns["text_embeddings"] = datasets.Array2D(shape=(None, hidden_size),
+                                                      dtype=ARROW_DTYPES[embedding_dtype or "float32"])
     columns.update({"key": datasets.Value("string"), "url": datasets.Value("string"),
                     "width": datasets.Value("int32"), "height": datasets.Value("int32")})
     return datasets.Features(columns)
 
 
+def stored_text_rows(hidden: "torch.Tensor", lengths: Sequence[int]) -> List[Any]:
+    """(B, L, D) hidden states -> B numpy arrays (L_i, D) of the real tokens, as stored: float32 and
+    float16 as they are, bfloat16 as its raw bits (uint16)."""
+    import numpy as np
+    import torch
+
+    hidden = hidden.detach().cpu()
+    rows = []
+    for states, length in zip(hidden, lengths):
+        states = states[: int(length)].contiguous()  # (L_i, D)
+        if states.dtype == torch.bfloat16:
+            rows.append(states.view(torch.int16).numpy().view(np.uint16))
+        else:
+            rows.append(states.numpy())
+    return rows
+
+
 def build_batch(chunk: Chunk, sizes: Sequence[Optional[Tuple[int, int]]], keep: Sequence[int], encoder: Any,
-                pre_encode: bool, gpu_batch_size: int, embedding_dtype: str) -> Tuple[Dict[str, Any], int]:
+                pre_encode: bool, gpu_batch_size: int) -> Tuple[Dict[str, Any], int]:
     """The output columns of the decodable rows ``keep`` of ``chunk`` -> (batch, captions truncated).
 
     ``encoder`` is a :class:`modules.text_encoder.TextEncoder`: its tokenizer gives (B, L) ids and
-    mask; with ``pre_encode`` its last hidden states (B, L, D) are computed ``gpu_batch_size``
-    captions at a time on its device and stored as ``embedding_dtype``.
+    mask (one tokenizer call); with ``pre_encode`` its last hidden states (B, L, D) are computed
+    ``gpu_batch_size`` captions at a time on its device, in its dtype, and kept as B arrays
+    (L_i, D) of the real tokens (:func:`stored_text_rows`).
     """
-    import numpy as np
     import torch
 
     captions = [chunk.captions[i] for i in keep]
@@ -354,13 +386,14 @@ def build_batch(chunk: Chunk, sizes: Sequence[Optional[Tuple[int, int]]], keep: 
         "attention_mask": tokens.attention_mask.to(torch.int8).numpy(),  # (B, L)
     }
     if pre_encode:
-        parts = []
+        lengths = tokens.attention_mask.sum(dim=1).tolist()  # L_i: real tokens, a prefix of each row
+        rows: List[Any] = []
         with torch.inference_mode():
             for start in range(0, len(captions), gpu_batch_size):
                 stop = start + gpu_batch_size
                 hidden, _ = encoder.encode(tokens.input_ids[start:stop], tokens.attention_mask[start:stop])
-                parts.append(hidden.float().cpu().numpy().astype(embedding_dtype))  # (b, L, D)
-        batch["text_embeddings"] = np.concatenate(parts)  # (B, L, D)
+                rows.extend(stored_text_rows(hidden, lengths[start:stop]))  # b arrays (L_i, D)
+        batch["text_embeddings"] = rows
     batch.update({"key": [chunk.keys[i] for i in keep], "url": [chunk.urls[i] for i in keep],
                   "width": [sizes[i][0] for i in keep], "height": [sizes[i][1] for i in keep]})
     return batch, tokens.num_truncated
@@ -403,8 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.pre_encode_text:
         encoder.to(device)
     max_length = encoder.max_length
-    embedding_dtype = "float16" if args.dtype == "float16" else "float32"
-    features = build_features(max_length, encoder.hidden_size if args.pre_encode_text else None, embedding_dtype)
+    features = build_features(max_length, encoder.hidden_size if args.pre_encode_text else None, args.dtype)
     print(f"prep_cc: {len(shards)} shards under {data_root}; tokenizer {args.hf_clip_model_name} ({max_length} tokens)"
           + (f"; pre-encoding text on {device} in {args.dtype}" if args.pre_encode_text else ""), flush=True)
 
@@ -415,6 +447,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     staging.mkdir()
     stats = Stats(shards=len(shards))
     shard_kept = 0
+    text_tokens = 0  # real tokens of the kept captions: the rows of text_embeddings
     pool = None
     try:
         if args.num_cpu_workers > 0:
@@ -428,8 +461,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             stats.dropped[UNDECODABLE] += len(sizes) - len(keep)
             if keep:
                 batch, num_truncated = build_batch(chunk, sizes, keep, encoder, args.pre_encode_text,
-                                                   args.gpu_batch_size, embedding_dtype)
+                                                   args.gpu_batch_size)
                 writer.write_batch(batch)
+                text_tokens += int(batch["attention_mask"].sum())
                 stats.captions_truncated += num_truncated
                 stats.kept += len(keep)
                 shard_kept += len(keep)
@@ -444,9 +478,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             pool.join()
             pool = None
 
+        text_summary = None
+        if args.pre_encode_text:
+            bytes_per_value = {"float32": 4, "float16": 2, "bfloat16": 2}[args.dtype]
+            text_summary = {
+                "hidden_size": encoder.hidden_size, "encoder_dtype": args.dtype, "stored_dtype": args.dtype,
+                "arrow_dtype": ARROW_DTYPES[args.dtype], "layout": "real tokens only: (L_i, hidden_size) per caption",
+                "num_tokens": text_tokens, "mean_tokens_per_caption": text_tokens / max(stats.kept, 1),
+                "bytes_per_caption": bytes_per_value * encoder.hidden_size * text_tokens / max(stats.kept, 1),
+            }
         summary = {**stats.as_dict(), "hf_clip_model_name": args.hf_clip_model_name, "max_length": max_length,
-                   "text_embeddings": ({"hidden_size": encoder.hidden_size, "encoder_dtype": args.dtype,
-                                        "stored_dtype": embedding_dtype} if args.pre_encode_text else None)}
+                   "text_embeddings": text_summary}
         print("\n".join(stats.summary_lines()), flush=True)
         if stats.kept == 0:
             raise UserError(f"none of the {stats.rows_read} rows under {data_root} was kept (see the summary "

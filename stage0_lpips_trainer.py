@@ -32,9 +32,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from modules.accelerator import MIXED_PRECISION_CHOICES, build_accelerator, seed_per_process, uses_cpu
 from modules.bapps import JNDDataset, TwoAFCDataset, available_categories
-from modules.cli import run_main
+from modules.checkpoints import CheckpointManager, write_resolved_config
+from modules.cli import add_common_training_args, positive_int, run_main
+from modules.data_loading import EpochSeeded, build_dataloader
 from modules.errors import UserError
+from modules.export import describe_run
+from modules.loop import Backward, LoopConfig, Update, train_loop
 from modules.lpips import (
     LPIPS,
     RankingHead,
@@ -44,23 +49,12 @@ from modules.lpips import (
     save_lpips_export,
     two_afc_score,
 )
-from modules.training import (
-    CheckpointManager,
-    MetricsLogger,
-    TrainerState,
-    add_common_training_args,
-    build_accelerator,
-    build_dataloader,
-    build_lr_scheduler,
-    describe_run,
-    gather_mean,
-    positive_int,
-    progress_bar,
-    seed_per_process,
-    write_resolved_config,
-)
+from modules.metrics import MetricsLogger, progress_bar
+from modules.optim import build_lr_scheduler
 
 logger = logging.getLogger("ldm")
+# The value of a bare --mixed_precision (resolved to bf16 or fp16 right after parsing).
+ASKED_FOR_MIXED_PRECISION = "asked"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -94,9 +88,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     train.add_argument("--decay_epochs", type=int, default=5, help="epochs of linear decay to 0 afterwards")
     train.add_argument("--initial_lr", type=float, default=1e-4)
     train.add_argument("--logging_steps", type=positive_int, default=100, help="log gathered means every N steps")
-    train.add_argument("--mixed_precision", nargs="?", const="auto", default="no",
-                       choices=("no", "fp16", "bf16", "auto"),
-                       help="autocast; a bare flag means bf16 where supported (fp16 on older GPUs; bf16 on a CPU)")
+    train.add_argument("--mixed_precision", nargs="?", const=ASKED_FOR_MIXED_PRECISION, default="auto",
+                       metavar="{no,fp16,bf16,auto}",
+                       help="autocast (default auto: bf16 on GPUs that have it, fp16 on older GPUs, none on a CPU); "
+                            "the bare flag (the tutorial's) asks for it on any device: bf16, or fp16 on GPUs without bf16")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--evaluation_only", action="store_true",
                             help="evaluate <work_dir>/<checkpoint_name> and stop (no training)")
@@ -108,6 +103,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--num_epochs and --decay_epochs must be >= 0 and add up to at least 1")
     if args.initial_lr <= 0:
         parser.error(f"--initial_lr must be > 0, got {args.initial_lr}")
+    if args.mixed_precision not in MIXED_PRECISION_CHOICES + (ASKED_FOR_MIXED_PRECISION,):
+        parser.error(f"argument --mixed_precision: invalid choice: {args.mixed_precision!r} "
+                     f"(choose from {', '.join(MIXED_PRECISION_CHOICES)})")
+    if args.mixed_precision == ASKED_FOR_MIXED_PRECISION:
+        args.mixed_precision = "bf16" if uses_cpu() or torch.cuda.is_bf16_supported() else "fp16"
     if args.checkpoints_total_limit < 0:
         parser.error(f"--checkpoints_total_limit must be >= 0 (0 keeps all), got {args.checkpoints_total_limit}")
     return args
@@ -225,20 +225,6 @@ def format_results(results: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def log_window(accelerator, metrics_log: MetricsLogger, window: Dict[str, List[float]], lr: float,
-               step: int) -> Dict[str, List[float]]:
-    """Log the gathered means of the steps since the last log (if any); returns an empty window.
-
-    Called on every process (the means are gathered), every --logging_steps and where the loop
-    ends, so a short run still leaves its numbers in metrics.jsonl.
-    """
-    if window and all(window.values()):
-        means = gather_mean(accelerator, {k: sum(v) / len(v) for k, v in window.items()})
-        means["lr"] = lr
-        metrics_log.log(means, step)
-    return {k: [] for k in window}
-
-
 def l2_distance(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """The plain pixel baseline: mean squared difference per image, (B,)."""
     return (x0.float() - x1.float()).square().mean(dim=(1, 2, 3))
@@ -266,6 +252,16 @@ def lpips_package_metric(backbone: str, device: torch.device) -> Optional[torch.
 # Main
 # ----------------------------------------------------------------------------------------
 
+def evaluation_columns(metric, args, device: torch.device) -> Dict[str, torch.nn.Module]:
+    """The metrics the evaluation table compares: ours, L2, and (--eval_lpips_pkg) the package's."""
+    columns = {"ours": metric, "l2": l2_distance}
+    if args.eval_lpips_pkg:
+        package_metric = lpips_package_metric(args.backbone, device)
+        if package_metric is not None:
+            columns["lpips_pkg"] = package_metric
+    return columns
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     args = parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -279,25 +275,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
 
     # -- data (validated before any model is built: bad trees fail fast) ----------------
     root = Path(args.path_to_root)
-    if not args.evaluation_only:
-        train_set = TwoAFCDataset(root, "train", img_size=args.img_size, img_range=args.img_range)
-    else:
-        TwoAFCDataset(root, "val", img_size=args.img_size, img_range=args.img_range)  # validates the tree
-
-    # -- models -------------------------------------------------------------------------
     if args.evaluation_only:
+        TwoAFCDataset(root, "val", img_size=args.img_size, img_range=args.img_range)  # validates the tree
         metric, _ = load_lpips_export(final_path)
-        metric = metric.to(accelerator.device).eval()
-        columns = {"ours": metric, "l2": l2_distance}
-        if args.eval_lpips_pkg:
-            package_metric = lpips_package_metric(args.backbone, accelerator.device)
-            if package_metric is not None:
-                columns["lpips_pkg"] = package_metric
-        results = evaluate(accelerator, columns, args)
+        results = evaluate(accelerator, evaluation_columns(metric.to(accelerator.device).eval(), args,
+                                                          accelerator.device), args)
         if accelerator.is_main_process:
             print(format_results(results))
         return results
+    train_set = EpochSeeded(TwoAFCDataset(root, "train", img_size=args.img_size, img_range=args.img_range), args.seed)
 
+    # -- models and optimizer -------------------------------------------------------------
     metric = LPIPS(backbone=args.backbone, pretrained_backbone=args.pretrained_backbone, use_dropout=args.use_dropout,
                    train_backbone=args.train_backbone)
     if args.init_from_lpips_pkg:
@@ -306,10 +294,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     objective = TwoAFCObjective(metric, head)
     parameters = list(metric.trainable_parameters()) + list(head.parameters())
     optimizer = torch.optim.Adam(parameters, lr=args.initial_lr, betas=(0.5, 0.999))
-
     workers = loader_workers(args.num_workers, len(train_set), args.batch_size, accelerator.num_processes, True)
     loader = build_dataloader(train_set, args.batch_size, shuffle=True, num_workers=workers, drop_last=True,
                               seed=args.seed)
+
+    # -- prepare ----------------------------------------------------------------------------
     objective, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
     metric, head = accelerator.unwrap_model(objective).metric, accelerator.unwrap_model(objective).head
     steps_per_epoch = len(loader)
@@ -319,8 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     total_epochs = args.num_epochs + args.decay_epochs
     total_steps = total_epochs * steps_per_epoch
     # Full LR for num_epochs, then linear decay to 0 over decay_epochs (the paper's schedule).
-    scheduler = build_lr_scheduler(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, "linear",
-                                   warmup_steps=0, total_steps=total_steps,
+    scheduler = build_lr_scheduler(optimizer, "linear", warmup_steps=0, total_steps=total_steps,
                                    hold_steps=args.num_epochs * steps_per_epoch)
     accelerator.register_for_checkpointing(scheduler)
 
@@ -330,79 +318,44 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
         checkpoints.check_fresh_start()
     seed_per_process(accelerator, args.seed)  # before resume: a checkpoint's saved RNG states then win
     state = checkpoints.resume(args.resume_from_checkpoint)
-    run_config = {k: v for k, v in vars(args).items()}
+    run_config = dict(vars(args))
     write_resolved_config(accelerator, run_dir, run_config)
     metrics_log = MetricsLogger(accelerator, run_dir, bool(args.log_wandb), "LPIPSTrainer", None, run_config)
     metrics_log.truncate_after(state.step)
 
-    # -- loop ---------------------------------------------------------------------------
-    logger.info("training %s LPIPS on %d triplets: %d epochs x %d steps, %d process(es)", args.backbone, len(train_set),
-                total_epochs, steps_per_epoch, accelerator.num_processes)
-    bar = progress_bar(accelerator, total_steps, initial=state.step, desc="stage0")
-    window: Dict[str, List[float]] = {"loss": [], "accuracy": []}
-    steps_this_run = 0
-    stop = False
-    from accelerate import skip_first_batches
+    # -- step function ----------------------------------------------------------------------
+    # The head weights stay >= 0 (LPIPS's clamp), on the plain module: DDP shares its parameters.
+    update = Update("", optimizer, parameters, scheduler, after_step=metric.clamp_linear_weights_)
 
-    try:  # closed on errors too, so an error message starts on a line of its own
-        while state.epoch < total_epochs and not stop:
-            objective.train()
-            loader.set_epoch(state.epoch)
-            batches = skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-            for batch in batches:
-                ref, p0, p1 = (to_minus_one_one(batch[k], args.img_range) for k in ("ref", "p0", "p1"))
-                with accelerator.autocast():
-                    loss, logs = objective(ref, p0, p1, batch["judge"])
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                metric.clamp_linear_weights_()  # the plain module: DDP shares its parameters
-                state.step += 1
-                state.batch_in_epoch += 1
-                steps_this_run += 1
-                for key in window:
-                    window[key].append(float(logs[key]))
-                bar.update(1)
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", epoch=state.epoch)
-                if state.step % args.logging_steps == 0:
-                    window = log_window(accelerator, metrics_log, window, scheduler.get_last_lr()[0], state.step)
-                if args.stop_after_steps and steps_this_run >= args.stop_after_steps and state.step < total_steps:
-                    stop = True
-                    break
-            if state.batch_in_epoch >= steps_per_epoch:  # a stop on an epoch's last batch still completes it
-                state.epoch += 1
-                state.batch_in_epoch = 0
-            checkpoints.save(state)  # every epoch end, and where a run is stopped
-    finally:
-        bar.close()
-    window = log_window(accelerator, metrics_log, window, scheduler.get_last_lr()[0], state.step)
-    if stop:
-        logger.info("stopped after %d steps (--stop_after_steps); continue with --resume_from_checkpoint latest",
-                    steps_this_run)
-        metrics_log.finish()
-        return {}
+    def train_step(batch, step: int):
+        ref, p0, p1 = (to_minus_one_one(batch[k], args.img_range) for k in ("ref", "p0", "p1"))
+        with accelerator.autocast():
+            loss, logs = objective(ref, p0, p1, batch["judge"])
+        yield Backward(update, loss, logs)
 
-    # -- evaluate and export --------------------------------------------------------------
-    plain_metric = metric.eval()
-    columns = {"ours": plain_metric, "l2": l2_distance}
-    if args.eval_lpips_pkg:
-        package_metric = lpips_package_metric(args.backbone, accelerator.device)
-        if package_metric is not None:
-            columns["lpips_pkg"] = package_metric
-    results = evaluate(accelerator, columns, args)
-    metrics_log.log(result_means(results), state.step)
-    if accelerator.is_main_process:
-        table = format_results(results)
-        print(table)
-        (run_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
-        save_lpips_export(plain_metric, final_path, ranking_head=head,
-                          metadata={"producer": describe_run("stage0_lpips_trainer.py", argv), "step": state.step,
-                                    "eval": results})
-        logger.info("wrote %s and %s", final_path, final_path.with_suffix(".safetensors"))
-        metrics_log.plot(["loss", "accuracy", "lr"])
-    metrics_log.finish()
-    accelerator.wait_for_everyone()
+    # -- evaluate and export ----------------------------------------------------------------
+    results: Dict[str, Dict[str, float]] = {}
+
+    def export(state) -> None:
+        metric.eval()
+        results.update(evaluate(accelerator, evaluation_columns(metric, args, accelerator.device), args))
+        metrics_log.log(result_means(results), state.step)
+        if accelerator.is_main_process:
+            print(format_results(results))
+            (run_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+            save_lpips_export(metric, final_path, ranking_head=head,
+                              metadata={"producer": describe_run("stage0_lpips_trainer.py", argv), "step": state.step,
+                                        "eval": results})
+            logger.info("wrote %s and %s", final_path, final_path.with_suffix(".safetensors"))
+
+    # -- loop: a checkpoint at every epoch's end --------------------------------------------
+    logger.info("training %s LPIPS on %d triplets: %d epochs x %d steps, %d process(es)", args.backbone,
+                len(train_set), total_epochs, steps_per_epoch, accelerator.num_processes)
+    config = LoopConfig(total_steps=total_steps, logging_steps=args.logging_steps, checkpoint_every=steps_per_epoch,
+                        images_per_step=args.batch_size * accelerator.num_processes,
+                        stop_after_steps=args.stop_after_steps, desc="stage0", plot_keys=("loss", "accuracy", "lr"))
+    train_loop(accelerator, loader=loader, models=[objective], step_fn=train_step, state=state, config=config,
+               checkpoints=checkpoints, metrics_log=metrics_log, export=export)
     return results
 
 

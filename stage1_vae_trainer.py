@@ -30,11 +30,10 @@ Configs
   command keeps --model_config configs/ldm.yaml. Precedence: model config < training YAML ``vae:``
   < ``--set vae.<key>=...``. The resolved network config is what the export records.
 
-Batch size: ``per_gpu_batch_size`` is the batch of one process per optimizer step (as in the
-tutorial); it is split into ``gradient_accumulation_steps`` micro-batches of
-per_gpu_batch_size / gradient_accumulation_steps images. The global batch is
-per_gpu_batch_size x number of processes; the LR schedule counts optimizer steps, so it is the
-same for any number of processes.
+Batch size: ``per_gpu_batch_size`` is the batch of one process in one forward pass (a
+micro-batch), the same meaning in every trainer; an optimizer step sees
+per_gpu_batch_size x gradient_accumulation_steps x number of processes images. The LR schedule
+counts optimizer steps.
 
 Validation: ``num_val_images`` images are held out of the training data (same ones on every run
 and process, seeded by ``seed``) and, every ``val_generation_freq`` optimizer steps, reconstructed
@@ -62,33 +61,25 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
+from modules.accelerator import build_accelerator, seed_per_process
 from modules.autoencoder import VQModel, build_autoencoder
-from modules.cli import run_main
+from modules.checkpoints import CheckpointManager, write_resolved_config
+from modules.cli import add_common_training_args, add_run_folder_args, run_main
 from modules.config import find_config_file, load_config, load_yaml, to_dict
+from modules.data_loading import EpochSeeded, build_dataloader
 from modules.discriminator import DiscriminatorConfig, NLayerDiscriminator, convert_to_sync_batchnorm
 from modules.ema import EMA
 from modules.errors import UserError
-from modules.image_datasets import build_dataset, dataset_conditioning, split_holdout
+from modules.export import describe_run
+from modules.image_datasets import build_dataset, dataset_conditioning, images_to_model, split_holdout
 from modules.image_metrics import psnr, ssim
+from modules.loop import Backward, LoopConfig, Update, train_loop
+from modules.metrics import MetricsLogger
 from modules.model_config import LDMConfig, ldm_config_from_dict, split_overrides
-from modules.training import (
-    CheckpointManager,
-    MetricsLogger,
-    add_common_training_args,
-    build_accelerator,
-    build_adamw,
-    build_dataloader,
-    build_lr_scheduler,
-    describe_run,
-    gather_mean,
-    progress_bar,
-    seed_per_process,
-    write_resolved_config,
-)
+from modules.optim import build_adamw, build_lr_scheduler
 from modules.vae_io import save_vae_export
 from modules.vae_loss import VAELoss, VAELossConfig
 
@@ -119,18 +110,21 @@ class Stage1TrainingArgs(VAELossConfig):
         starts at disc_start and spans total_training_iterations - disc_start steps.
     optimizer_beta1, optimizer_beta2, optimizer_weight_decay: AdamW settings of both optimizers.
     total_training_iterations: optimizer steps to train.
-    per_gpu_batch_size: images per process per optimizer step (split into accumulation micro-batches).
-    gradient_accumulation_steps: micro-batches per optimizer step.
+    per_gpu_batch_size: images per process per forward pass (micro-batch).
+    gradient_accumulation_steps: micro-batches per optimizer step (global batch: per_gpu_batch_size x
+        gradient_accumulation_steps x processes).
     max_grad_norm: clip each network's gradient norm to this (null: no clipping).
     checkpoint_iterations / checkpoints_total_limit: save every N optimizer steps / keep the newest N (null: all).
     val_generation_freq / num_val_images: validate every N optimizer steps / on this many held-out images (0: no validation).
     logging_steps: write gathered training-loss means every N optimizer steps.
-    lpips_checkpoint: a stage-0 LPIPS export (stage0_lpips_trainer.py writes <work_dir>/<name>.safetensors).
+    lpips_checkpoint: a stage-0 LPIPS export (stage0_lpips_trainer.py writes <work_dir>/<name>.safetensors);
+        not read when lpips_weight is 0 (validation then reports no LPIPS).
     use_lpips_package: use the ``lpips`` package's pretrained metric instead (needs torchvision's
         ImageNet weights of lpips_backbone in the torch hub cache, or a network).
     lpips_backbone: "vgg", "alex" or "squeeze": the package's trunk; a lpips_checkpoint must hold this backbone.
     use_ema / ema_decay: keep an EMA of the autoencoder's weights (used for validation and the export).
-    mixed_precision: "no", "fp16", "bf16" or "auto" (bf16 where supported).
+    mixed_precision: "no", "fp16", "bf16" or "auto" (bf16 on GPUs that have it, fp16 on older ones, none on a CPU).
+    log_wandb: log to Weights & Biases (--log_wandb / --no-log_wandb override it).
     num_workers: data-loader workers per process.
     crop / random_resized_crop_scale / random_flip: training augmentation (validation images are
         always resized by the short side and center-cropped, unflipped).
@@ -162,7 +156,8 @@ class Stage1TrainingArgs(VAELossConfig):
     lpips_backbone: Literal["vgg", "alex", "squeeze"] = "vgg"
     use_ema: bool = False
     ema_decay: float = 0.9999
-    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "auto"
+    log_wandb: bool = False
     num_workers: int = 4
     crop: Literal["center", "random_resized"] = "center"
     random_resized_crop_scale: List[float] = field(default_factory=lambda: [0.8, 1.0])
@@ -184,10 +179,6 @@ class Stage1TrainingArgs(VAELossConfig):
         for name in ("learning_rate", "disc_learning_rate"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.per_gpu_batch_size % self.gradient_accumulation_steps != 0:
-            raise UserError(f"per_gpu_batch_size ({self.per_gpu_batch_size}) must be a multiple of "
-                            f"gradient_accumulation_steps ({self.gradient_accumulation_steps}): each optimizer step "
-                            "sees per_gpu_batch_size images in gradient_accumulation_steps equal micro-batches")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise UserError(f"max_grad_norm must be > 0 or null (no clipping), got {self.max_grad_norm}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
@@ -198,11 +189,6 @@ class Stage1TrainingArgs(VAELossConfig):
             raise UserError(f"optimizer betas must be in [0, 1), got {self.optimizer_beta1}, {self.optimizer_beta2}")
         if self.optimizer_weight_decay < 0:
             raise UserError(f"optimizer_weight_decay must be >= 0, got {self.optimizer_weight_decay}")
-
-    @property
-    def micro_batch_size(self) -> int:
-        """Images per process per forward pass."""
-        return self.per_gpu_batch_size // self.gradient_accumulation_steps
 
     def loss_config(self) -> VAELossConfig:
         """The loss keys as the loss module's own config."""
@@ -244,20 +230,8 @@ def load_configs(args: argparse.Namespace) -> tuple[Stage1Config, LDMConfig]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment_name", default="VAETrainer", help="run folder inside --working_directory")
-    parser.add_argument("--wandb_run_name", default=None, help="name of the wandb run (with --log_wandb)")
-    parser.add_argument("--working_directory", required=True,
-                        help="holds <experiment_name>/ (checkpoints, logs) and the exported model.safetensors")
-    parser.add_argument("--training_config", default=DEFAULT_TRAINING_CONFIG,
-                        help="stage-1 training YAML (training_args:, discriminator:, optional vae: overrides)")
-    parser.add_argument("--model_config", default=DEFAULT_MODEL_CONFIG, help="model YAML whose vae: section is trained")
-    parser.add_argument("--dataset", required=True,
-                        help="celebahq, ffhq, celeba (image folders), imagenet (class folders), "
-                             "conceptual_captions (prep_cc.py output) or shapes")
-    parser.add_argument("--path_to_dataset", default=None,
-                        help="the dataset's folder (optional only for shapes, which is then rendered on the fly)")
-    parser.add_argument("--path_to_save_gens", default=None,
-                        help="folder for the reconstruction grids (default: <working_directory>/<experiment_name>/gens)")
+    add_run_folder_args(parser, "VAETrainer", DEFAULT_TRAINING_CONFIG, "model YAML whose vae: section is trained",
+                        "reconstruction")
     add_common_training_args(parser)
     return parser.parse_args(argv)
 
@@ -269,8 +243,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def build_perceptual(train: Stage1TrainingArgs) -> Optional[nn.Module]:
     """The frozen LPIPS of the loss (and of validation): a stage-0 export or the lpips package.
 
-    None only when lpips_weight is 0 and no LPIPS is configured (validation then skips LPIPS).
+    None when lpips_weight is 0: the loss does not use it, so no checkpoint is demanded (and
+    validation reports no LPIPS).
     """
+    if train.lpips_weight == 0:
+        logger.info("lpips_weight is 0: no LPIPS is loaded (the loss has no perceptual term; validation skips LPIPS)")
+        return None
     if train.use_lpips_package:
         try:
             import lpips
@@ -288,11 +266,9 @@ def build_perceptual(train: Stage1TrainingArgs) -> Optional[nn.Module]:
             ) from None
         return metric.eval().requires_grad_(False)
     if train.lpips_checkpoint is None:
-        if train.lpips_weight > 0:
-            raise UserError(f"training_args.lpips_weight is {train.lpips_weight} but no LPIPS is configured: set "
-                            "training_args.lpips_checkpoint to a stage-0 export (stage0_lpips_trainer.py), or "
-                            "training_args.use_lpips_package=true, or lpips_weight=0")
-        return None
+        raise UserError(f"training_args.lpips_weight is {train.lpips_weight} but no LPIPS is configured: set "
+                        "training_args.lpips_checkpoint to a stage-0 export (stage0_lpips_trainer.py), or "
+                        "training_args.use_lpips_package=true, or lpips_weight=0")
     path = Path(train.lpips_checkpoint)
     if not path.is_file():
         raise UserError(
@@ -316,36 +292,8 @@ def reconstruct(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model.decode(model.encode(images).mode())
 
 
-class EpochSeededSamples(torch.utils.data.Dataset):
-    """A dataset whose random augmentation of sample ``i`` in epoch ``e`` is a function of (seed, e, i).
-
-    The image transforms draw crops and flips from torch's global RNG. Drawn there directly, they
-    would depend on which process or worker loads a sample and on how far the loader has
-    prefetched, so a run resumed mid-epoch would see other crops than the uninterrupted run. Here
-    each sample is loaded under a forked RNG seeded from (seed, epoch, index): the training RNG is
-    left untouched and the augmentation is the same for any number of processes or workers.
-    """
-
-    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, dtype=np.uint64)[0])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            return self.dataset[index]
-
-
 def collate_images(samples: List[Dict[str, Any]]) -> torch.Tensor:
-    """Stack the images of a batch, (B, 3, H, W); captions and labels are not needed here."""
+    """Stack the uint8 images of a batch, (B, 3, H, W); captions and labels are not needed here."""
     return torch.stack([sample["image"] for sample in samples])
 
 
@@ -362,7 +310,8 @@ def validate(accelerator, model: nn.Module, loader, perceptual: Optional[nn.Modu
     was_training = model.training
     model.eval()
     inputs, recons, scores = [], [], {"val_psnr": [], "val_ssim": [], "val_lpips": []}
-    for images in loader:
+    for batch in loader:
+        images = images_to_model(batch, accelerator.device)  # uint8 -> [-1, 1]
         with accelerator.autocast():
             recon = reconstruct(model, images)
         recon = recon.float().clamp(-1.0, 1.0)
@@ -392,6 +341,49 @@ def validate(accelerator, model: nn.Module, loader, perceptual: Optional[nn.Modu
 
 
 # ----------------------------------------------------------------------------------------
+# Building blocks of main()
+# ----------------------------------------------------------------------------------------
+
+def build_discriminator(config: Stage1Config, accelerator) -> nn.Module:
+    """The PatchGAN; with several GPU processes its BatchNorm statistics are synchronised."""
+    discriminator: nn.Module = NLayerDiscriminator.from_config(config.discriminator)
+    if accelerator.num_processes > 1:
+        if accelerator.device.type == "cpu":
+            # torch's SyncBatchNorm has no CPU kernel: each process normalises with its own batch.
+            logger.warning("%d CPU processes: the discriminator keeps per-process BatchNorm statistics "
+                           "(SyncBatchNorm needs GPUs)", accelerator.num_processes)
+        else:
+            discriminator = convert_to_sync_batchnorm(discriminator)
+    return discriminator
+
+
+def build_loaders(args: argparse.Namespace, train: Stage1TrainingArgs, img_size: int):
+    """(training loader, validation loader or None, number of held-out images).
+
+    ``num_val_images`` are held out (the same ones on every run and process); the rest is served
+    with the training augmentation, decided by (seed, epoch, index) in whichever worker loads it.
+    """
+    def dataset(augment: bool):
+        return build_dataset(args.dataset, args.path_to_dataset, img_size,
+                             crop=train.crop if augment else "center", random_flip=train.random_flip and augment,
+                             random_resized_crop_scale=train.random_resized_crop_scale,
+                             shapes_num_images=train.shapes_num_images, shapes_seed=train.shapes_seed)
+
+    train_full = dataset(augment=True)
+    if train.num_val_images >= len(train_full):
+        raise UserError(f"training_args.num_val_images ({train.num_val_images}) must be smaller than the dataset "
+                        f"({len(train_full)} images)")
+    train_set, _ = split_holdout(train_full, train.num_val_images, train.seed)
+    _, val_set = split_holdout(dataset(augment=False), train.num_val_images, train.seed)
+    loader = build_dataloader(EpochSeeded(train_set, train.seed), train.per_gpu_batch_size, shuffle=True,
+                              num_workers=train.num_workers, drop_last=True, seed=train.seed,
+                              collate_fn=collate_images)
+    val_loader = build_dataloader(val_set, train.per_gpu_batch_size, shuffle=False, num_workers=train.num_workers,
+                                  drop_last=False, seed=train.seed, collate_fn=collate_images) if len(val_set) else None
+    return loader, val_loader, len(val_set)
+
+
+# ----------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------
 
@@ -403,207 +395,121 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
     dataset_conditioning(args.dataset)  # unknown names fail here, listing the known ones
     config, ldm = load_configs(args)
     train = config.training_args
-    if args.seed is not None:
-        train.seed = args.seed
+    train.seed = train.seed if args.seed is None else args.seed
+    log_wandb = train.log_wandb if args.log_wandb is None else bool(args.log_wandb)
     vae_config = ldm.vae
     working_dir = Path(args.working_directory)
     run_dir = working_dir / args.experiment_name
     gens_dir = Path(args.path_to_save_gens) if args.path_to_save_gens else run_dir / "gens"
+    export_path = working_dir / "model.safetensors"
 
     # -- accelerator ------------------------------------------------------------------
     accelerator = build_accelerator(train.mixed_precision, train.gradient_accumulation_steps, train.seed,
-                                    bool(args.log_wandb), run_dir)
-    several = accelerator.num_processes > 1
+                                    log_wandb, run_dir)
+    checkpoints = CheckpointManager(accelerator, run_dir, total_limit=train.checkpoints_total_limit)
+    if args.resume_from_checkpoint is None:
+        checkpoints.check_fresh_start()  # before any slow work
 
     # -- models -----------------------------------------------------------------------
     vae = build_autoencoder(vae_config)
-    discriminator: nn.Module = NLayerDiscriminator.from_config(config.discriminator)
-    if several:
-        if accelerator.device.type == "cpu":
-            # torch's SyncBatchNorm has no CPU kernel: each process normalises with its own batch.
-            logger.warning("%d CPU processes: the discriminator keeps per-process BatchNorm statistics "
-                           "(SyncBatchNorm needs GPUs)", accelerator.num_processes)
-        else:
-            discriminator = convert_to_sync_batchnorm(discriminator)
+    discriminator = build_discriminator(config, accelerator)
     perceptual = build_perceptual(train)
     if perceptual is not None:
         perceptual.to(accelerator.device)
     loss_fn = VAELoss(train.loss_config(), perceptual)
     ema = EMA(vae, decay=train.ema_decay).to(accelerator.device) if train.use_ema else None
-    if vae_config.quantize and several:
+    if vae_config.quantize and accelerator.num_processes > 1:
         from accelerate.utils import broadcast
 
         # Global code usage (same dead codes everywhere) and rank 0's restart samples.
         vae.quantize.set_distributed_hooks(lambda t: accelerator.reduce(t, reduction="sum"),
                                            lambda t: broadcast(t, from_process=0))
-    num_params = sum(p.numel() for p in vae.parameters())
     logger.info("%s with %.2fM parameters, latents (%d, %d, %d); discriminator %.2fM parameters",
-                type(vae).__name__, num_params / 1e6, vae.latent_channels, vae_config.latent_size,
-                vae_config.latent_size, sum(p.numel() for p in discriminator.parameters()) / 1e6)
+                type(vae).__name__, sum(p.numel() for p in vae.parameters()) / 1e6, vae.latent_channels,
+                vae_config.latent_size, vae_config.latent_size,
+                sum(p.numel() for p in discriminator.parameters()) / 1e6)
 
-    # -- optimizer --------------------------------------------------------------------
-    betas = (train.optimizer_beta1, train.optimizer_beta2)
-    optimizer = build_adamw(vae.parameters(), lr=train.learning_rate, betas=betas,
-                            weight_decay=train.optimizer_weight_decay)
+    # -- optimizers (the discriminator's schedule counts its own steps, from disc_start) ---------
+    betas, decay = (train.optimizer_beta1, train.optimizer_beta2), train.optimizer_weight_decay
+    optimizer = build_adamw(vae.parameters(), lr=train.learning_rate, betas=betas, weight_decay=decay)
     disc_optimizer = build_adamw(discriminator.parameters(), lr=train.disc_learning_rate, betas=betas,
-                                 weight_decay=train.optimizer_weight_decay)
+                                 weight_decay=decay)
     scheduler = build_lr_scheduler(optimizer, train.lr_scheduler, train.lr_warmup_steps,
                                    train.total_training_iterations)
-    # The discriminator's schedule counts its own steps, which begin at disc_start.
     disc_scheduler = build_lr_scheduler(disc_optimizer, train.disc_lr_scheduler, train.disc_lr_warmup_steps,
                                         max(1, train.total_training_iterations - train.disc_start))
 
-    # -- data -------------------------------------------------------------------------
-    def dataset(augment: bool):
-        return build_dataset(args.dataset, args.path_to_dataset, vae_config.img_size,
-                             crop=train.crop if augment else "center", random_flip=train.random_flip and augment,
-                             random_resized_crop_scale=train.random_resized_crop_scale,
-                             shapes_num_images=train.shapes_num_images, shapes_seed=train.shapes_seed)
-
-    train_full = dataset(augment=True)
-    if train.num_val_images >= len(train_full):
-        raise UserError(f"training_args.num_val_images ({train.num_val_images}) must be smaller than the dataset "
-                        f"({len(train_full)} images)")
-    train_set, _ = split_holdout(train_full, train.num_val_images, train.seed)
-    _, val_set = split_holdout(dataset(augment=False), train.num_val_images, train.seed)
-    train_set = EpochSeededSamples(train_set, train.seed)
-    loader = build_dataloader(train_set, train.micro_batch_size, shuffle=True, num_workers=train.num_workers,
-                              drop_last=True, seed=train.seed, collate_fn=collate_images)
-    val_loader = build_dataloader(val_set, train.micro_batch_size, shuffle=False, num_workers=train.num_workers,
-                                  drop_last=False, seed=train.seed, collate_fn=collate_images) if len(val_set) else None
-
-    # -- prepare ----------------------------------------------------------------------
+    # -- data and prepare -----------------------------------------------------------------
+    loader, val_loader, num_val = build_loaders(args, train, vae_config.img_size)
     vae, discriminator, optimizer, disc_optimizer, loader = accelerator.prepare(
         vae, discriminator, optimizer, disc_optimizer, loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
-    accelerator.register_for_checkpointing(scheduler, disc_scheduler)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    accelerator.register_for_checkpointing(scheduler, disc_scheduler, *([ema] if ema is not None else []))
     if len(loader) == 0:
-        raise UserError(f"{len(train_set)} training images give no full micro-batch of {train.micro_batch_size} on "
-                        f"{accelerator.num_processes} process(es); lower training_args.per_gpu_batch_size")
-    plain_vae = accelerator.unwrap_model(vae)
-    plain_disc = accelerator.unwrap_model(discriminator)
-    last_layer_weight = plain_vae.last_decoder_layer_weight
+        raise UserError(f"{len(loader.dataset)} training images give no full batch of per_gpu_batch_size "
+                        f"{train.per_gpu_batch_size} on {accelerator.num_processes} process(es); lower it")
+    plain_vae, plain_disc = accelerator.unwrap_model(vae), accelerator.unwrap_model(discriminator)
     seed_per_process(accelerator, train.seed)  # posterior noise differs per process; restored on resume
 
     # -- resume -----------------------------------------------------------------------
-    checkpoints = CheckpointManager(accelerator, run_dir, total_limit=train.checkpoints_total_limit)
-    if args.resume_from_checkpoint is None:
-        checkpoints.check_fresh_start()
     state = checkpoints.resume(args.resume_from_checkpoint)
     resolved = to_dict(config)
     write_resolved_config(accelerator, run_dir, resolved)
     write_resolved_config(accelerator, run_dir, to_dict(ldm), filename="model_config.yaml")
-    metrics_log = MetricsLogger(accelerator, run_dir, bool(args.log_wandb), args.experiment_name,
-                                args.wandb_run_name, {"training": resolved, "model": to_dict(ldm)})
+    metrics_log = MetricsLogger(accelerator, run_dir, log_wandb, args.experiment_name, args.wandb_run_name,
+                                {"training": resolved, "model": to_dict(ldm)})
     metrics_log.truncate_after(state.step)
 
+    # -- step function: the autoencoder's update, then (from disc_start) the discriminator's ----
+    vae_update = Update("", optimizer, list(vae.parameters()), scheduler, train.max_grad_norm,
+                        emas=[(ema, plain_vae)] if ema is not None else ())
+    disc_update = Update("disc", disc_optimizer, list(discriminator.parameters()), disc_scheduler,
+                         train.max_grad_norm)
+
+    def train_step(batch: torch.Tensor, step: int):
+        images = images_to_model(batch, accelerator.device)  # uint8 -> [-1, 1] on the device
+        with accelerator.autocast():
+            if vae_config.quantize:
+                recon, regularizer, vq_logs = vae(images)
+            else:
+                (recon, regularizer), vq_logs = vae(images), {}
+            # The discriminator runs unwrapped and frozen inside the loss: no gradient, no DDP sync.
+            loss, logs = loss_fn.generator_loss(images, recon, regularizer, step, plain_disc,
+                                                plain_vae.last_decoder_layer_weight)
+        yield Backward(vae_update, loss, {**logs, **vq_logs})
+        with accelerator.autocast():  # real images against detached reconstructions
+            d_loss, d_logs = loss_fn.discriminator_loss(images, recon.detach(), step, discriminator)
+        if d_loss is not None:
+            yield Backward(disc_update, d_loss, d_logs)
+
+    def validate_step(step: int) -> None:
+        if val_loader is not None:
+            validate(accelerator, ema.model if ema is not None else plain_vae, val_loader, perceptual, step,
+                     gens_dir, metrics_log)
+
+    def export(state) -> None:
+        if accelerator.is_main_process:
+            save_vae_export(ema.model if ema is not None else plain_vae, vae_config, export_path, metadata={
+                "producer": describe_run("stage1_vae_trainer.py", argv), "step": state.step,
+                "dataset": args.dataset, "ema": ema is not None})
+            logger.info("wrote %s", export_path)
+
     # -- loop -------------------------------------------------------------------------
-    from accelerate import skip_first_batches
-
-    total = train.total_training_iterations
-    steps_per_epoch = math.ceil(len(loader) / train.gradient_accumulation_steps)
-    logger.info("training on %d images (%d held out): %d optimizer steps, %d per epoch, global batch %d, "
-                "discriminator from step %d", len(train_set), len(val_set), total, steps_per_epoch,
-                train.per_gpu_batch_size * accelerator.num_processes, train.disc_start)
-    bar = progress_bar(accelerator, total, initial=state.step, desc="stage1")
-    window: Dict[str, List[float]] = {}
-    steps_this_run = 0
-    done = state.step >= total
-    vae.train()
-    discriminator.train()
-    while not done:
-        loader.set_epoch(state.epoch)  # the sampler's order
-        train_set.set_epoch(state.epoch)  # the augmentation (accelerate forwards it only in some set-ups)
-        batches = skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        for images in batches:
-            state.batch_in_epoch += 1
-            step = state.step  # optimizer steps done: switches the GAN on at disc_start
-            with accelerator.accumulate(vae, discriminator):
-                # Autoencoder update. The discriminator runs unwrapped and frozen inside the loss,
-                # so it neither receives gradients nor joins a DDP gradient sync here.
-                with accelerator.autocast():
-                    if vae_config.quantize:
-                        recon, regularizer, vq_logs = vae(images)
-                    else:
-                        recon, regularizer = vae(images)
-                        vq_logs = {}
-                    loss, logs = loss_fn.generator_loss(images, recon, regularizer, step, plain_disc,
-                                                        last_layer_weight)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and train.max_grad_norm is not None:
-                    logs["grad_norm"] = float(accelerator.clip_grad_norm_(vae.parameters(), train.max_grad_norm))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-                # Discriminator update on real images and detached reconstructions (from disc_start on).
-                with accelerator.autocast():
-                    d_loss, d_logs = loss_fn.discriminator_loss(images, recon.detach(), step, discriminator)
-                if d_loss is not None:
-                    accelerator.backward(d_loss)
-                    if accelerator.sync_gradients and train.max_grad_norm is not None:
-                        d_logs["disc_grad_norm"] = float(
-                            accelerator.clip_grad_norm_(discriminator.parameters(), train.max_grad_norm))
-                    disc_optimizer.step()
-                    disc_optimizer.zero_grad(set_to_none=True)
-            for key, value in {**logs, **d_logs, **{k: float(v) for k, v in vq_logs.items()}}.items():
-                window.setdefault(key, []).append(value)
-            if not accelerator.sync_gradients:
-                continue
-
-            # -- one optimizer step done --
-            lrs = {"lr": scheduler.get_last_lr()[0], "disc_lr": disc_scheduler.get_last_lr()[0]}  # used by this step
-            scheduler.step()
-            if d_loss is not None:
-                disc_scheduler.step()
-            state.step += 1
-            steps_this_run += 1
-            if ema is not None:
-                ema.update(plain_vae, state.step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['total']:.4f}", rec=f"{logs['rec']:.4f}", epoch=state.epoch)
-            if state.step % train.logging_steps == 0:
-                means = gather_mean(accelerator, {k: sum(v) / len(v) for k, v in window.items()})
-                means.update(lrs)
-                metrics_log.log(means, state.step)
-                window = {}
-            if val_loader is not None and state.step % train.val_generation_freq == 0:
-                validate(accelerator, ema.model if ema is not None else plain_vae, val_loader, perceptual,
-                         state.step, gens_dir, metrics_log)
-            finished = state.step >= total
-            stopping = args.stop_after_steps is not None and steps_this_run >= args.stop_after_steps
-            if state.step % train.checkpoint_iterations == 0 or finished or stopping:
-                checkpoints.save(state)
-            if finished or stopping:
-                done = True
-                break
-        else:
-            state.epoch += 1
-            state.batch_in_epoch = 0
-    bar.close()
-    metrics_log.plot(["total", "rec", "lpips", "kl", "codebook", "d_loss", "adaptive_weight", "val_psnr", "val_lpips"])
-
-    # -- export -----------------------------------------------------------------------
-    if state.step < total:
-        logger.info("stopped at step %d of %d (--stop_after_steps); continue with --resume_from_checkpoint latest",
-                    state.step, total)
-        metrics_log.finish()
-        return None
-    export_path = working_dir / "model.safetensors"
-    if accelerator.is_main_process:
-        final = ema.model if ema is not None else plain_vae
-        save_vae_export(final, vae_config, export_path, metadata={
-            "producer": describe_run("stage1_vae_trainer.py", argv),
-            "step": state.step,
-            "dataset": args.dataset,
-            "ema": ema is not None,
-        })
-        logger.info("wrote %s", export_path)
-    metrics_log.finish()
-    accelerator.wait_for_everyone()
-    return export_path
+    logger.info("training on %d images (%d held out): %d optimizer steps of %d x %d x %d images, "
+                "discriminator from step %d", len(loader.dataset), num_val, train.total_training_iterations,
+                train.per_gpu_batch_size, train.gradient_accumulation_steps, accelerator.num_processes,
+                train.disc_start)
+    loop_config = LoopConfig(
+        total_steps=train.total_training_iterations, logging_steps=train.logging_steps,
+        checkpoint_every=train.checkpoint_iterations, validate_every=train.val_generation_freq,
+        images_per_step=train.per_gpu_batch_size * train.gradient_accumulation_steps * accelerator.num_processes,
+        stop_after_steps=args.stop_after_steps, desc="stage1",
+        plot_keys=("total", "rec", "lpips", "kl", "codebook", "d_loss", "adaptive_weight", "val_psnr", "val_lpips"))
+    finished = train_loop(accelerator, loader=loader, models=[vae, discriminator], step_fn=train_step, state=state,
+                          config=loop_config, checkpoints=checkpoints, metrics_log=metrics_log,
+                          validate=validate_step, export=export)
+    return export_path if finished else None
 
 
 if __name__ == "__main__":

@@ -48,37 +48,31 @@ from typing import Any, Dict, List, Literal, NamedTuple, Optional, Sequence, Tup
 
 import torch
 
-from modules.cli import run_main
-from modules.config import load_config, to_dict
+from modules.accelerator import build_accelerator, seed_per_process, weight_dtype
+from modules.batching import Collate
+from modules.checkpoints import CheckpointManager, write_resolved_config
+from modules.cli import add_common_training_args, add_run_folder_args, run_main
+from modules.config import find_config_file, load_config, to_dict
+from modules.data_loading import build_dataloader
 from modules.diffusion import NoiseSchedule, diffusion_loss, sample_noise, sample_timesteps
 from modules.ema import EMA
 from modules.errors import UserError
-from modules.image_datasets import build_dataset, dataset_conditioning
+from modules.export import describe_run, read_export_metadata
+from modules.image_datasets import build_dataset, dataset_conditioning, images_to_model
 from modules.latent_cache import (
     CachedLatentDataset,
     FlipAugmented,
     build_latent_cache,
+    resolve_cache_dtype,
     sample_latents,
     vae_fingerprint,
     vae_moments,
 )
 from modules.ldm_io import LatentDiffusion, save_ldm_export, text_encoder_export
+from modules.loop import Backward, LoopConfig, Update, train_loop
+from modules.metrics import MetricsLogger
 from modules.model_config import load_ldm_config, scale_factor_for, split_overrides
-from modules.training import (
-    CheckpointManager,
-    MetricsLogger,
-    add_common_training_args,
-    build_accelerator,
-    build_adamw,
-    build_dataloader,
-    build_lr_scheduler,
-    describe_run,
-    gather_mean,
-    progress_bar,
-    read_export_metadata,
-    seed_per_process,
-    write_resolved_config,
-)
+from modules.optim import build_adamw, build_lr_scheduler
 from modules.unet import UNet, UNetConfig
 
 logger = logging.getLogger("ldm")
@@ -99,7 +93,7 @@ class Stage2TrainingArgs:
     total_training_iterations: int = 200000
     per_gpu_batch_size: int = 32
     gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
+    max_grad_norm: Optional[float] = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.01
@@ -124,7 +118,7 @@ class Stage2TrainingArgs:
     shapes_seed: int = 0
     cache_latents: bool = False
     latent_cache_dir: Optional[str] = None
-    latent_cache_dtype: Literal["float32", "float16"] = "float32"
+    latent_cache_dtype: Literal["auto", "float32", "float16"] = "auto"
     train_text_encoder: bool = False
     hf_cache_dir: Optional[str] = None
     checkpoint_iterations: int = 5000
@@ -159,8 +153,10 @@ class Stage2TrainingArgs:
             raise ValueError(f"cfg_dropout_prob must be in [0, 1], got {self.cfg_dropout_prob}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
-        if self.max_grad_norm < 0 or self.offset_noise < 0 or self.ddim_eta < 0 or self.huber_c <= 0:
-            raise ValueError("max_grad_norm, offset_noise and ddim_eta must be >= 0 and huber_c > 0")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or null (no clipping), got {self.max_grad_norm}")
+        if self.offset_noise < 0 or self.ddim_eta < 0 or self.huber_c <= 0:
+            raise ValueError("offset_noise and ddim_eta must be >= 0 and huber_c > 0")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0 or null, got {self.snr_gamma}")
         if self.img_size is not None and self.img_size < 1:
@@ -181,37 +177,40 @@ class Stage2Config:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment_name", default="DiffusionTrainer",
-                        help="run folder inside --working_directory (checkpoints, metrics) and the wandb project")
-    parser.add_argument("--wandb_run_name", default=None, help="name of the wandb run (with --log_wandb)")
-    parser.add_argument("--working_directory", required=True,
-                        help="where the run folder and the final model.safetensors go")
-    parser.add_argument("--training_config", default="configs/stage2_diffusion_train.yaml",
-                        help="YAML with training_args: (see the shipped file)")
-    parser.add_argument("--model_config", default="configs/ldm.yaml",
-                        help="YAML with unet:, diffusion:, scaling_constants: (and vae:)")
+    add_run_folder_args(parser, "DiffusionTrainer", "configs/stage2_diffusion_train.yaml",
+                        "YAML with unet:, diffusion:, scaling_constants: (and vae:)", "sample")
     parser.add_argument("--path_to_vae_backbone", required=True,
                         help="the frozen VAE: a stage-1 model.safetensors or a diffusers AutoencoderKL folder")
-    parser.add_argument("--dataset", required=True,
-                        help="celebahq | ffhq | celeba (unconditional), imagenet (classes), "
-                             "conceptual_captions | shapes (text)")
-    parser.add_argument("--path_to_dataset", default=None,
-                        help="the data (for shapes optional: without it, images are rendered on the fly)")
-    parser.add_argument("--path_to_save_gens", default=None,
-                        help="folder for the sample grids step_<N>.png (default: <run folder>/samples)")
     add_common_training_args(parser)
     return parser.parse_args(argv)
 
 
 def resolve_shipped_path(path: str, what: str) -> Path:
-    """``path`` as given (relative to the working directory), else relative to the repository,
-    so the shipped ``configs/...`` names work from any directory. Missing in both: a clear error."""
-    given = Path(path).expanduser()
-    if given.exists():
-        return given
-    if not given.is_absolute() and (REPO_ROOT / given).exists():
-        return REPO_ROOT / given
-    raise UserError(f"{what} {path} not found (looked in {Path.cwd()} and {REPO_ROOT})")
+    """``path`` as given, else relative to the repository (so the shipped ``configs/...`` names work
+    from any directory); missing in both: a clear error naming ``what``."""
+    found = find_config_file(Path(path).expanduser(), REPO_ROOT)
+    if not found.exists():
+        raise UserError(f"{what} {path} not found (looked in {Path.cwd()} and {REPO_ROOT})")
+    return found
+
+
+def load_configs(args: argparse.Namespace):
+    """(training_args, model config, model config path) with the ``--set`` overrides applied."""
+    model_overrides, training_overrides = split_overrides(args.overrides)
+    training_config_path = resolve_shipped_path(args.training_config, "--training_config")
+    model_config_path = resolve_shipped_path(args.model_config, "--model_config")
+    train_cfg = load_config(Stage2Config, training_config_path, training_overrides).training_args
+    return train_cfg, load_ldm_config(model_config_path, model_overrides), model_config_path
+
+
+def build_emas(trained: Sequence[torch.nn.Module], train_cfg: "Stage2TrainingArgs", device: torch.device) -> List[EMA]:
+    """An EMA of every trained network (the UNet, and the text encoder when it is trained), or none:
+    the sample grids and the export use the averaged weights of both, never an averaged UNet with a
+    raw last-step encoder."""
+    if not train_cfg.use_ema:
+        return []
+    return [EMA(m, decay=train_cfg.ema_decay, warmup=train_cfg.ema_warmup, start_step=train_cfg.ema_update_after_step,
+                update_every=train_cfg.ema_update_every).to(device) for m in trained]
 
 
 def read_prompts(path: Path) -> List[str]:
@@ -227,12 +226,13 @@ def read_prompts(path: Path) -> List[str]:
 # Conditioning
 # ----------------------------------------------------------------------------------------
 
-def cfg_dropout_mask(batch_size: int, prob: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def cfg_dropout_mask(batch_size: int, prob: float, device: torch.device) -> torch.Tensor:
     """Which samples lose their condition for classifier-free guidance: (B,) bool, each True with
-    probability ``prob`` independently (Ho & Salimans 2022, algorithm 1). Drawn on the CPU."""
+    probability ``prob`` independently (Ho & Salimans 2022, algorithm 1). Drawn on ``device`` and
+    applied with ``torch.where``: no host sync."""
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"dropout probability must be in [0, 1], got {prob}")
-    return torch.rand(batch_size, generator=generator) < prob
+    return torch.rand(batch_size, device=device) < prob
 
 
 def check_unet_conditioning(conditioning: str, unet: UNetConfig, dataset: str, config_path: str) -> None:
@@ -245,13 +245,22 @@ def check_unet_conditioning(conditioning: str, unet: UNetConfig, dataset: str, c
                             f"{str(not wanted).lower()}; set it to {value} (e.g. --set unet.{key}={value})")
 
 
+def _padded_to(rows: torch.Tensor, length: int) -> torch.Tensor:
+    """(1, L, ...) -> (1, length, ...): cut, or padded with zeros (False for a mask)."""
+    if rows.shape[1] >= length:
+        return rows[:, :length]
+    pad = rows.new_zeros((1, length - rows.shape[1], *rows.shape[2:]))
+    return torch.cat([rows, pad], dim=1)
+
+
 class Conditioner:
     """Turns a batch into the UNet's conditioning keywords, applying classifier-free-guidance dropout.
 
-    text: captions -> text encoder -> ``context`` (B, L, D) + ``context_mask`` (B, L); a dropped
-    caption becomes ``""``. With ``use_pre_encoded`` the batch's ``text_embeddings`` (from
-    ``prep_cc.py``) and ``attention_mask`` are used instead, and a dropped row takes the encoding
-    of ``""``. class: ``class_labels`` (B,), a dropped label becomes the null class. none: {}.
+    text: the batch's token ids (tokenized once, in the DataLoader workers, or stored by prep_cc /
+    the latent cache) -> text encoder -> ``context`` (B, L, D) + ``context_mask`` (B, L); a dropped
+    caption becomes the ids of ``""``. With pre-encoded text (``text_embeddings`` from prep_cc or
+    the latent cache) the stored states are used instead and a dropped row takes the states of
+    ``""``. class: ``label`` (B,), a dropped label becomes the null class. none: {}.
     """
 
     def __init__(self, conditioning: str, text_encoder=None, use_pre_encoded: bool = False,
@@ -260,56 +269,52 @@ class Conditioner:
         self.text_encoder = text_encoder
         self.use_pre_encoded = use_pre_encoded
         self.null_class = null_class
-        self._null_text: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-
-    def _plain_text_encoder(self):
-        return getattr(self.text_encoder, "module", self.text_encoder)  # DDP-wrapped when trained
-
-    def null_text(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Encoding of the empty prompt, ((1, L, D), (1, L)), computed once (frozen encoder only)."""
-        if self._null_text is None:
-            with torch.no_grad():
-                self._null_text = self._plain_text_encoder()([""])
-        return self._null_text
+        if conditioning == "text":  # the empty prompt, tokenized (and encoded by a frozen encoder) once
+            plain = getattr(text_encoder, "module", text_encoder)  # DDP-wrapped when trained
+            tokens = plain.caption_tokenizer([""])
+            self.null_ids = (tokens.input_ids, tokens.attention_mask.bool())  # (1, L) each
+            if use_pre_encoded:
+                with torch.no_grad():
+                    self.null_text = plain.encode(*self.null_ids)  # ((1, L, D), (1, L))
 
     def __call__(self, batch: Dict[str, Any], drop: torch.Tensor, device: torch.device) -> Dict[str, torch.Tensor]:
         if self.conditioning == "text":
             if self.use_pre_encoded:
-                encoder = self._plain_text_encoder()
-                hidden, mask = encoder.pre_encoded(batch["text_embeddings"], batch.get("attention_mask"))
-                if bool(drop.any()):
-                    null_hidden, null_mask = self.null_text()
-                    length = hidden.shape[1]
-                    rows = drop.to(hidden.device)
-                    hidden = hidden.clone()
-                    mask = mask.clone()
-                    hidden[rows] = null_hidden[0, :length].to(hidden.dtype)
-                    mask[rows] = null_mask[0, :length].to(mask.device)
+                hidden = batch["text_embeddings"].to(device, non_blocking=True)  # (B, L, D)
+                mask = batch["text_embeddings_mask"].to(device, non_blocking=True)  # (B, L)
+                null_hidden, null_mask = self.null_text
+                length = hidden.shape[1]
+                hidden = torch.where(drop[:, None, None], _padded_to(null_hidden, length).to(device, hidden.dtype),
+                                     hidden)
+                mask = torch.where(drop[:, None], _padded_to(null_mask, length).to(device), mask.bool())
             else:
-                captions = ["" if dropped else caption for caption, dropped in zip(batch["caption"], drop.tolist())]
-                hidden, mask = self.text_encoder(captions)  # through the DDP wrapper when trained
-            return {"context": hidden.to(device), "context_mask": mask.to(device)}
+                null_ids, null_mask = self.null_ids
+                ids = torch.where(drop[:, None], null_ids.to(device), batch["input_ids"].to(device))
+                mask = torch.where(drop[:, None], null_mask.to(device), batch["attention_mask"].to(device).bool())
+                hidden, mask = self.text_encoder(ids, mask)  # through the DDP wrapper when trained
+            return {"context": hidden, "context_mask": mask}
         if self.conditioning == "class":
-            labels = torch.as_tensor(batch["label"], dtype=torch.long).to(device)
-            labels = torch.where(drop.to(device), torch.full_like(labels, self.null_class), labels)
+            labels = batch["label"].to(device)
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
             return {"class_labels": labels}
         return {}
 
 
-def warn_if_other_text_encoder(dataset_path: Path, text_source: str) -> None:
+def check_pre_encoded_source(dataset_path: Path, text_source: str) -> None:
     """Pre-encoded text must come from the text encoder that encodes the sampling prompts;
     ``prep_cc.py`` records which one it used in ``prep_cc_summary.json``."""
     summary_file = dataset_path / "prep_cc_summary.json"
     if not summary_file.is_file():
-        return
+        raise UserError(f"{dataset_path} has pre-encoded text but no prep_cc_summary.json saying which text encoder "
+                        "made it; re-run prep_cc.py on the raw shards")
     used = json.loads(summary_file.read_text()).get("hf_clip_model_name")
-    if not used:
-        return
-    same = Path(used).expanduser().resolve() == Path(text_source).expanduser().resolve() \
-        if Path(used).expanduser().is_dir() and Path(text_source).expanduser().is_dir() else used == text_source
+    same = bool(used) and (Path(used).expanduser().resolve() == Path(text_source).expanduser().resolve()
+                           if Path(used).expanduser().is_dir() and Path(text_source).expanduser().is_dir()
+                           else used == text_source)
     if not same:
-        logger.warning("%s was pre-encoded with %r but unet.text_conditioning_hf_model is %r: the sampling prompts "
-                       "would be encoded by another model than the training captions", dataset_path, used, text_source)
+        raise UserError(f"{dataset_path} was pre-encoded with {used!r} but unet.text_conditioning_hf_model is "
+                        f"{text_source!r}: training captions and sampling prompts would be encoded by different "
+                        "models; use the same model, or re-run prep_cc.py with it (or without --pre_encode_text)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -318,11 +323,11 @@ def warn_if_other_text_encoder(dataset_path: Path, text_source: str) -> None:
 
 def batch_latents(batch: Dict[str, Any], vae: torch.nn.Module, scaling_factor: float, shift_factor: float,
                   device: torch.device) -> torch.Tensor:
-    """Scaled latents (B, C, h, w) float32 of a batch: from cached moments or by encoding its images."""
+    """Scaled latents (B, C, h, w) float32 of a batch: from cached moments or by encoding its uint8 images."""
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
     else:
-        mean, std = vae_moments(vae, batch["image"].to(device))
+        mean, std = vae_moments(vae, images_to_model(batch["image"], device))
     return sample_latents(mean, std, scaling_factor, shift_factor)
 
 
@@ -440,28 +445,81 @@ def load_text_encoder(ldm, train_cfg: Stage2TrainingArgs, model_config_path: Pat
     return encoder, export_state
 
 
+def use_pre_encoded_text(args: argparse.Namespace, train_cfg: Stage2TrainingArgs, ldm, base_dataset,
+                         conditioning: str, model_config_path: Path) -> bool:
+    """Whether training reads encoded caption states (prep_cc's ``text_embeddings`` column, or the
+    latent cache's) instead of running the text encoder every step: whenever the encoder is frozen
+    and such states exist. They must come from the encoder that encodes the sampling prompts."""
+    if conditioning != "text":
+        return False
+    has_column = "text_embeddings" in getattr(base_dataset, "array_columns", ())
+    if ldm.unet.pre_encoded_text and not has_column:
+        raise UserError(f"unet.pre_encoded_text is true in {model_config_path} but {args.path_to_dataset} has no "
+                        "text_embeddings column (run prep_cc.py with --pre_encode_text)")
+    if train_cfg.train_text_encoder:
+        if ldm.unet.pre_encoded_text:
+            raise UserError(f"unet.pre_encoded_text is true in {model_config_path} but training_args."
+                            "train_text_encoder is true: a trained encoder must encode the captions every step")
+        return False
+    if has_column:
+        check_pre_encoded_source(Path(args.path_to_dataset), ldm.unet.text_conditioning_hf_model)
+        logger.info("using the dataset's pre-encoded text (column text_embeddings)")
+    elif train_cfg.cache_latents:
+        logger.info("the latent cache keeps the captions' encoded states: the text encoder does not run per step")
+    return has_column or train_cfg.cache_latents
+
+
 def build_train_set(args: argparse.Namespace, train_cfg: Stage2TrainingArgs, base_dataset, vae: FrozenVAE,
-                    accelerator, run_dir: Path, seed: int):
-    """What the loader serves: cached latent moments (``cache_latents``) or images, flips by (seed, epoch, index)."""
+                    text_encoder, accelerator, run_dir: Path, seed: int):
+    """What the loader serves: images (flipped by (seed, epoch, index)), or, with ``cache_latents``,
+    cached latent moments of both orientations plus the captions' token ids and, for a frozen text
+    encoder, their encoded states (so neither the VAE nor the text encoder runs per step)."""
     if not train_cfg.cache_latents:
         return FlipAugmented(base_dataset, seed, enabled=train_cfg.random_flip)
     cache_dir = Path(train_cfg.latent_cache_dir) if train_cfg.latent_cache_dir else run_dir / "latent_cache"
     model = vae.model
+    cache_dtype = resolve_cache_dtype(train_cfg.latent_cache_dtype, accelerator.mixed_precision)
     fingerprint = {  # everything that changes the cached numbers
         "dataset": args.dataset,
         "path": str(Path(args.path_to_dataset).resolve()) if args.path_to_dataset else None,
         "shapes": [train_cfg.shapes_num_images, train_cfg.shapes_seed] if args.path_to_dataset is None else None,
         "num_samples": len(base_dataset), "img_size": vae.img_size, "flips": train_cfg.random_flip,
-        "vae": vae_fingerprint(model), "encode_dtype": str(next(model.parameters()).dtype),
-        "dtype": train_cfg.latent_cache_dtype,
+        "vae": vae_fingerprint(model), "encode_dtype": str(next(model.parameters()).dtype), "dtype": cache_dtype,
     }
+    frozen_text = text_encoder if text_encoder is not None and not train_cfg.train_text_encoder else None
     started = time.perf_counter()
     side = vae.img_size // model.downsample_factor
     build_latent_cache(accelerator, base_dataset, model, cache_dir, fingerprint, (model.latent_channels, side, side),
-                       flips=train_cfg.random_flip, cache_dtype=train_cfg.latent_cache_dtype,
-                       batch_size=train_cfg.per_gpu_batch_size, num_workers=train_cfg.num_workers)
+                       flips=train_cfg.random_flip, cache_dtype=cache_dtype, batch_size=train_cfg.per_gpu_batch_size,
+                       num_workers=train_cfg.num_workers, text_encoder=frozen_text,
+                       tokenizer=text_encoder.caption_tokenizer if text_encoder is not None else None)
     logger.info("latent cache ready in %.1fs", time.perf_counter() - started)
     return CachedLatentDataset(cache_dir, seed, train_cfg.random_flip)
+
+
+def sample_pipeline(unet, text_encoder, vae: FrozenVAE, ldm, conditioning: str, class_names) -> LatentDiffusion:
+    """The pipeline the sample grids and the export describe (EMA weights when kept)."""
+    return LatentDiffusion(unet=unet, vae=vae.model, text_encoder=text_encoder, config=ldm,
+                           scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor, conditioning=conditioning,
+                           img_size=vae.img_size, class_names=class_names)
+
+
+def export_model(path: Path, unet: torch.nn.Module, text_encoder, vae: FrozenVAE, ldm, train_cfg: Stage2TrainingArgs,
+                 text_encoder_state, conditioning: str, class_names, metadata: Dict[str, Any]) -> None:
+    """Write the one-file export ``inference_ldm.py`` needs: the (EMA) UNet, the VAE, the text encoder
+    (embedded when trained or read from a local folder, by name for a frozen hub model), the latent
+    scale, the schedule and all configs."""
+    text_payload = None
+    if text_encoder is not None:
+        embed = train_cfg.train_text_encoder or text_encoder_state is not None
+        text_payload = text_encoder_export(text_encoder, ldm.unet.text_conditioning_hf_model, embed,
+                                           None if train_cfg.train_text_encoder else text_encoder_state)
+    save_ldm_export(
+        path, {k: v.detach().float().cpu() for k, v in unet.state_dict().items()}, vae.export_state,
+        dataclasses.replace(ldm, vae=vae.config), vae.scaling_factor, vae.shift_factor, conditioning,
+        metadata.pop("dataset"), vae.img_size, text_encoder=text_payload, class_names=class_names,
+        metadata={"training_config": to_dict(train_cfg), **metadata})
+    logger.info("wrote %s (step %d; %s weights)", path, metadata["step"], "EMA" if metadata["ema"] else "final")
 
 
 # ----------------------------------------------------------------------------------------
@@ -478,10 +536,7 @@ class TrainResult(NamedTuple):
     ema: Optional[EMA]
     vae: torch.nn.Module
     text_encoder: Optional[torch.nn.Module]
-
-
-def _weight_dtype(mixed_precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    text_encoder_ema: Optional[EMA] = None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
@@ -489,11 +544,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     argv = list(sys.argv[1:] if argv is None else argv)
 
     # -- config -------------------------------------------------------------------------
-    model_overrides, training_overrides = split_overrides(args.overrides)
-    training_config_path = resolve_shipped_path(args.training_config, "--training_config")
-    model_config_path = resolve_shipped_path(args.model_config, "--model_config")
-    train_cfg = load_config(Stage2Config, training_config_path, training_overrides).training_args
-    ldm = load_ldm_config(model_config_path, model_overrides)
+    train_cfg, ldm, model_config_path = load_configs(args)
     seed = train_cfg.seed if args.seed is None else args.seed
     log_wandb = train_cfg.log_wandb if args.log_wandb is None else bool(args.log_wandb)
     conditioning = dataset_conditioning(args.dataset)
@@ -506,76 +557,58 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     # -- accelerator --------------------------------------------------------------------
     accelerator = build_accelerator(train_cfg.mixed_precision, train_cfg.gradient_accumulation_steps, seed,
                                     log_wandb, run_dir)
-    device = accelerator.device
-    weight_dtype = _weight_dtype(accelerator.mixed_precision)
+    device, frozen_dtype = accelerator.device, weight_dtype(accelerator.mixed_precision)
     checkpoints = CheckpointManager(accelerator, run_dir, total_limit=train_cfg.checkpoints_total_limit)
     if args.resume_from_checkpoint is None:
         checkpoints.check_fresh_start()  # before any slow work
 
     # -- models -------------------------------------------------------------------------
     vae = load_frozen_vae(Path(args.path_to_vae_backbone), ldm, args.dataset, model_config_path, train_cfg.img_size,
-                          device, weight_dtype)
+                          device, frozen_dtype)
     text_encoder, text_encoder_state = None, None
     if conditioning == "text":
-        text_encoder, text_encoder_state = load_text_encoder(ldm, train_cfg, model_config_path, device, weight_dtype)
+        text_encoder, text_encoder_state = load_text_encoder(ldm, train_cfg, model_config_path, device, frozen_dtype)
     unet = UNet(ldm.unet)
     logger.info("UNet: %.2fM parameters, %s conditioning, predicts %s", sum(p.numel() for p in unet.parameters()) / 1e6,
                 conditioning, ldm.diffusion.prediction_type)
-    ema = None
-    if train_cfg.use_ema:
-        ema = EMA(unet, decay=train_cfg.ema_decay, warmup=train_cfg.ema_warmup,
-                  start_step=train_cfg.ema_update_after_step, update_every=train_cfg.ema_update_every).to(device)
+    trained: List[torch.nn.Module] = [unet] + ([text_encoder] if train_cfg.train_text_encoder else [])
+    emas = build_emas(trained, train_cfg, device)
     schedule = NoiseSchedule(ldm.diffusion.num_train_timesteps, ldm.diffusion.beta_schedule,
                              ldm.diffusion.beta_start, ldm.diffusion.beta_end).to(device)
 
     # -- optimizer ----------------------------------------------------------------------
-    trained: List[torch.nn.Module] = [unet] + ([text_encoder] if train_cfg.train_text_encoder else [])
     parameters = [p for module in trained for p in module.parameters() if p.requires_grad]
     optimizer = build_adamw(parameters, lr=train_cfg.learning_rate, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
                             weight_decay=train_cfg.adam_weight_decay, eps=train_cfg.adam_epsilon)
-    # Stepped once per optimizer step (not prepared): the same schedule for any number of processes.
     scheduler = build_lr_scheduler(optimizer, train_cfg.lr_scheduler, train_cfg.lr_warmup_steps,
                                    train_cfg.total_training_iterations)
 
     # -- data ---------------------------------------------------------------------------
     base_dataset = build_dataset(args.dataset, args.path_to_dataset, vae.img_size, crop="center", random_flip=False,
                                  shapes_num_images=train_cfg.shapes_num_images, shapes_seed=train_cfg.shapes_seed)
-    class_names = None
-    if conditioning == "class":
-        class_names = list(base_dataset.classes)
-        if len(class_names) > ldm.unet.num_classes:
-            raise UserError(f"{args.path_to_dataset} has {len(class_names)} classes but unet.num_classes is "
-                            f"{ldm.unet.num_classes} in {model_config_path}")
-    has_pre_encoded = "text_embeddings" in getattr(base_dataset, "array_columns", ())
-    if ldm.unet.pre_encoded_text and not has_pre_encoded:
-        raise UserError(f"unet.pre_encoded_text is true in {model_config_path} but {args.path_to_dataset} has no "
-                        "text_embeddings column (run prep_cc.py with --pre_encode_text)")
-    use_pre_encoded = conditioning == "text" and has_pre_encoded and not train_cfg.train_text_encoder \
-        and not train_cfg.cache_latents
-    if use_pre_encoded:
-        logger.info("using the dataset's pre-encoded text (column text_embeddings)")
-        warn_if_other_text_encoder(Path(args.path_to_dataset), ldm.unet.text_conditioning_hf_model)
-    elif has_pre_encoded:
-        logger.info("the dataset's pre-encoded text is not used (%s); captions are encoded on the fly",
-                    "the text encoder is trained" if train_cfg.train_text_encoder else "latents are cached")
-    train_set = build_train_set(args, train_cfg, base_dataset, vae, accelerator, run_dir, seed)
+    class_names = list(base_dataset.classes) if conditioning == "class" else None
+    if class_names is not None and len(class_names) > ldm.unet.num_classes:
+        raise UserError(f"{args.path_to_dataset} has {len(class_names)} classes but unet.num_classes is "
+                        f"{ldm.unet.num_classes} in {model_config_path}")
+    use_pre_encoded = use_pre_encoded_text(args, train_cfg, ldm, base_dataset, conditioning, model_config_path)
+    train_set = build_train_set(args, train_cfg, base_dataset, vae, text_encoder, accelerator, run_dir, seed)
+    collate = Collate(text_encoder.caption_tokenizer if conditioning == "text" and not use_pre_encoded else None)
     loader = build_dataloader(train_set, train_cfg.per_gpu_batch_size, shuffle=True, num_workers=train_cfg.num_workers,
-                              drop_last=True, seed=seed)
+                              drop_last=True, seed=seed, collate_fn=collate)
     validation = validation_conditions(conditioning, train_cfg, len(class_names) if class_names else 0)
 
     # -- prepare ------------------------------------------------------------------------
+    *trained, optimizer, loader = accelerator.prepare(*trained, optimizer, loader)
+    unet = trained[0]
     if train_cfg.train_text_encoder:
-        unet, text_encoder, optimizer, loader = accelerator.prepare(unet, text_encoder, optimizer, loader)
-    else:
-        unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
-    accelerator.register_for_checkpointing(scheduler)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+        text_encoder = trained[1]
+    accelerator.register_for_checkpointing(scheduler, *emas)
     if len(loader) == 0:
         raise UserError(f"{len(train_set)} training images give no full batch of per_gpu_batch_size "
                         f"{train_cfg.per_gpu_batch_size} on {accelerator.num_processes} process(es); lower it")
+    plain = [accelerator.unwrap_model(m) for m in trained]
     conditioner = Conditioner(conditioning, text_encoder, use_pre_encoded,
-                              accelerator.unwrap_model(unet).null_class_label if conditioning == "class" else None)
+                              plain[0].null_class_label if conditioning == "class" else None)
 
     # -- resume -------------------------------------------------------------------------
     seed_per_process(accelerator, seed)  # noise/timesteps differ per rank; a resume restores these RNGs
@@ -586,132 +619,59 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     metrics_log = MetricsLogger(accelerator, run_dir, log_wandb, args.experiment_name, args.wandb_run_name, run_config)
     metrics_log.truncate_after(state.step)
 
-    # -- loop ---------------------------------------------------------------------------
-    total = train_cfg.total_training_iterations
-    logger.info("training on %d %s: %d optimizer steps of %d x %d x %d images, %d batches per epoch",
-                len(train_set), "cached latents" if train_cfg.cache_latents else "images", total,
-                train_cfg.per_gpu_batch_size, accelerator.num_processes, train_cfg.gradient_accumulation_steps,
-                len(loader))
-    prediction_type = ldm.diffusion.prediction_type
+    # -- step function ------------------------------------------------------------------
+    update = Update("", optimizer, parameters, scheduler, train_cfg.max_grad_norm, emas=list(zip(emas, plain)))
 
-    def sample_pipeline() -> LatentDiffusion:
-        return LatentDiffusion(
-            unet=ema.model if ema is not None else accelerator.unwrap_model(unet), vae=vae.model,
-            text_encoder=accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
-            config=ldm, scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor, conditioning=conditioning,
-            img_size=vae.img_size, class_names=class_names)
+    def train_step(batch: Dict[str, Any], step: int):
+        with accelerator.autocast():
+            latents = batch_latents(batch, vae.model, vae.scaling_factor, vae.shift_factor, device)
+            drop = cfg_dropout_mask(latents.shape[0], train_cfg.cfg_dropout_prob, device)
+            cond = conditioner(batch, drop, device)
+            loss, logs = denoising_loss(unet, latents, cond, schedule, ldm.diffusion.prediction_type, train_cfg)
+        yield Backward(update, loss, logs)
+
+    def final_networks():
+        """(UNet, text encoder) as sampled and exported: EMA copies when kept, else the live ones."""
+        networks = [ema.model for ema in emas] if emas else plain
+        encoder = networks[1] if train_cfg.train_text_encoder else text_encoder
+        return networks[0], encoder
 
     def write_samples(step: int) -> None:
         if accelerator.is_main_process:
-            modules = [m for m in (accelerator.unwrap_model(unet), text_encoder) if m is not None]
-            modes = [m.training for m in modules]
-            for m in modules:
+            modes = [m.training for m in plain]
+            for m in plain:
                 m.eval()
-            path = save_sample_grid(sample_pipeline(), train_cfg, validation, gens_dir / f"step_{step}.png",
-                                    accelerator.autocast)
-            for m, mode in zip(modules, modes):
+            path = save_sample_grid(sample_pipeline(*final_networks(), vae, ldm, conditioning, class_names), train_cfg,
+                                    validation, gens_dir / f"step_{step}.png", accelerator.autocast)
+            for m, mode in zip(plain, modes):
                 m.train(mode)
             metrics_log.log_images("samples", path, step)
             logger.info("wrote %s", path)
         accelerator.wait_for_everyone()
 
-    from accelerate import skip_first_batches
+    def export(state) -> None:
+        if accelerator.is_main_process:
+            export_model(export_path, *final_networks(), vae, ldm, train_cfg, text_encoder_state, conditioning,
+                         class_names, {"step": state.step, "ema": bool(emas), "vae_source": args.path_to_vae_backbone,
+                                       "dataset": args.dataset,
+                                       "producer": describe_run("stage2_diffusion_trainer.py", argv)})
 
-    bar = progress_bar(accelerator, total, initial=state.step, desc="stage2")
-    window: List[float] = []
-    grad_norm = None
-    timed_steps, timed_seconds, tick = 0, 0.0, time.perf_counter()
-    steps_this_run = 0
-    stop = False
-    for module in trained:
-        module.train()
-    while state.step < total and not stop:
-        train_set.set_epoch(state.epoch)
-        loader.set_epoch(state.epoch)
-        batches = skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        for batch in batches:
-            state.batch_in_epoch += 1
-            with accelerator.accumulate(*trained):
-                with accelerator.autocast():
-                    latents = batch_latents(batch, vae.model, vae.scaling_factor, vae.shift_factor, device)
-                    drop = cfg_dropout_mask(latents.shape[0], train_cfg.cfg_dropout_prob)
-                    cond = conditioner(batch, drop, device)
-                    loss, logs = denoising_loss(unet, latents, cond, schedule, prediction_type, train_cfg)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and train_cfg.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(parameters, train_cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window.append(logs["loss"])  # detached; read at logging time (no device sync per batch)
-            if not accelerator.sync_gradients:
-                continue
-
-            # one optimizer step done
-            step_lr = scheduler.get_last_lr()[0]  # the learning rate this step used
-            scheduler.step()
-            state.step += 1
-            steps_this_run += 1
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(unet), state.step)
-            now = time.perf_counter()
-            timed_steps, timed_seconds, tick = timed_steps + 1, timed_seconds + (now - tick), now
-            bar.update(1)
-            finished = state.step >= total
-            stop = bool(args.stop_after_steps) and steps_this_run >= args.stop_after_steps and not finished
-            if state.step % train_cfg.logging_steps == 0 or finished:
-                means = gather_mean(accelerator, {"loss": torch.stack(window).float().mean()})
-                means["lr"] = step_lr
-                means["epoch"] = state.epoch
-                if grad_norm is not None:
-                    means["grad_norm"] = float(grad_norm)
-                images_per_step = train_cfg.per_gpu_batch_size * train_cfg.gradient_accumulation_steps * \
-                    accelerator.num_processes
-                means["images_per_second"] = images_per_step * timed_steps / max(timed_seconds, 1e-9)
-                metrics_log.log(means, state.step)
-                bar.set_postfix(loss=f"{means['loss']:.4f}", epoch=state.epoch)
-                window, timed_steps, timed_seconds = [], 0, 0.0
-            if state.step % train_cfg.checkpoint_iterations == 0 or finished or stop:
-                checkpoints.save(state)
-            if state.step % train_cfg.val_generation_freq == 0 or finished:
-                write_samples(state.step)
-            tick = time.perf_counter()  # checkpoints and samples do not count as training time
-            if finished or stop:
-                break
-        else:
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            continue
-        break
-    bar.close()
-    if stop:
-        logger.info("stopped after %d steps (--stop_after_steps); continue with --resume_from_checkpoint latest",
-                    steps_this_run)
-        metrics_log.finish()
-        return TrainResult(state.step, None, run_dir, unet, ema, vae.model, text_encoder)
-
-    # -- export -------------------------------------------------------------------------
-    if accelerator.is_main_process:
-        unet_source = ema.model if ema is not None else accelerator.unwrap_model(unet)
-        unet_state = {k: v.detach().float().cpu() for k, v in unet_source.state_dict().items()}
-        text_payload = None
-        if text_encoder is not None:
-            # Embedded (weights + tokenizer) when trained or read from a local folder; a frozen hub model by name.
-            source = ldm.unet.text_conditioning_hf_model
-            embed = train_cfg.train_text_encoder or text_encoder_state is not None
-            text_payload = text_encoder_export(accelerator.unwrap_model(text_encoder), source, embed,
-                                               text_encoder_state)
-        save_ldm_export(
-            export_path, unet_state, vae.export_state, dataclasses.replace(ldm, vae=vae.config), vae.scaling_factor,
-            vae.shift_factor, conditioning, args.dataset, vae.img_size, text_encoder=text_payload,
-            class_names=class_names,
-            metadata={"training_config": to_dict(train_cfg), "step": state.step, "ema": ema is not None,
-                      "vae_source": args.path_to_vae_backbone,
-                      "producer": describe_run("stage2_diffusion_trainer.py", argv)})
-        logger.info("wrote %s (step %d)", export_path, state.step)
-        metrics_log.plot(["loss", "lr", "grad_norm"])
-    metrics_log.finish()
-    accelerator.wait_for_everyone()
-    return TrainResult(state.step, export_path, run_dir, unet, ema, vae.model, text_encoder)
+    # -- loop ---------------------------------------------------------------------------
+    images_per_step = train_cfg.per_gpu_batch_size * train_cfg.gradient_accumulation_steps * accelerator.num_processes
+    logger.info("training on %d %s: %d optimizer steps of %d x %d x %d images, %d batches per epoch",
+                len(train_set), "cached latents" if train_cfg.cache_latents else "images",
+                train_cfg.total_training_iterations, train_cfg.per_gpu_batch_size,
+                train_cfg.gradient_accumulation_steps, accelerator.num_processes, len(loader))
+    loop_config = LoopConfig(
+        total_steps=train_cfg.total_training_iterations, logging_steps=train_cfg.logging_steps,
+        checkpoint_every=train_cfg.checkpoint_iterations, validate_every=train_cfg.val_generation_freq,
+        images_per_step=images_per_step, stop_after_steps=args.stop_after_steps, desc="stage2",
+        plot_keys=("loss", "lr", "grad_norm"))
+    finished = train_loop(accelerator, loader=loader, models=trained, step_fn=train_step, state=state,
+                          config=loop_config, checkpoints=checkpoints, metrics_log=metrics_log,
+                          validate=write_samples, export=export)
+    return TrainResult(state.step, export_path if finished else None, run_dir, unet, emas[0] if emas else None,
+                       vae.model, text_encoder, emas[1] if len(emas) > 1 else None)
 
 
 if __name__ == "__main__":

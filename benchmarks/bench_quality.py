@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modules.cli import run_main  # noqa: E402
 from modules.errors import UserError  # noqa: E402
-from modules.image_datasets import build_dataset  # noqa: E402
+from modules.image_datasets import build_dataset, images_to_model  # noqa: E402
 from modules.image_metrics import psnr, ssim  # noqa: E402
 from modules.shapes import COLOR_NAMES, SHAPE_NAMES, ShapeSpec, caption_accuracy, render_shape  # noqa: E402
 
@@ -106,7 +106,8 @@ def vae_quality(args: argparse.Namespace) -> Dict[str, float]:
     scores: Dict[str, List[torch.Tensor]] = {"psnr": [], "ssim": []} | ({"lpips": []} if perceptual else {})
     started = time.perf_counter()
     for start in range(0, count, args.batch_size):
-        images = torch.stack([dataset[i]["image"] for i in range(start, min(count, start + args.batch_size))])
+        pixels = torch.stack([dataset[i]["image"] for i in range(start, min(count, start + args.batch_size))])
+        images = images_to_model(pixels, "cpu")  # uint8 (B, 3, H, W) -> [-1, 1]
         recon = vae.decode(vae.encode(images).mode()).float().clamp(-1.0, 1.0)  # (B, 3, H, W)
         scores["psnr"].append(psnr(images, recon, IMAGE_RANGE))
         scores["ssim"].append(ssim(images, recon, IMAGE_RANGE))
@@ -170,10 +171,10 @@ def ldm_quality(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
         save_image(images * 0.5 + 0.5, args.save_grid, nrow=8)
 
     # Ceiling: the prompts' own images, rendered and passed through the export's VAE.
-    from modules.image_datasets import to_tensor_minus_one_one
+    from modules.image_datasets import ToUint8Tensor
 
-    to_tensor = to_tensor_minus_one_one()
-    real = torch.stack([to_tensor(render_shape(spec, model.img_size)) for spec in specs])
+    to_tensor = ToUint8Tensor()
+    real = images_to_model(torch.stack([to_tensor(render_shape(spec, model.img_size)) for spec in specs]), "cpu")
     decoded = model.decode_latents(model.encode_images(real))
     return {
         "samples": caption_accuracy(list(images), prompts) | {"seconds": seconds},

@@ -4,7 +4,7 @@ One step = forward + MSE loss + backward + AdamW step, on random latents, timest
 hidden states. Both models are built with the same levels, channels, layers, heads, transformer
 depth, cross-attention width and time-embedding size; the script checks that their parameter
 counts are equal before timing them. Both get the same AdamW (``--optimizer``: the fused one, as
-stage2_diffusion_trainer.py uses through ``modules.training.build_adamw``, or torch's default /
+stage2_diffusion_trainer.py uses through ``modules.optim.build_adamw``, or torch's default /
 foreach implementation). With ``--context_mask`` both get a padding mask for the text tokens
 (``--caption_tokens``: real tokens per caption, drawn uniformly up to that many). Steps of the
 two models are interleaved in rounds so that clock drift and thermal state affect both alike; the

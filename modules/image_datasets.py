@@ -2,11 +2,17 @@
 
 Every dataset returns a dict per sample:
 
-- ``"image"``: float tensor (3, H, W) in [-1, 1];
+- ``"image"``: uint8 tensor (3, H, W), 0..255: a quarter of the bytes of float32 through the
+  DataLoader workers, pinned memory and the host-to-device copy. The training step converts a
+  batch on the device with :func:`images_to_model` (to [-1, 1], bit for bit the floats the old
+  float32 transform produced);
 - ``"caption"``: str, for captioned datasets (``conceptual_captions``, ``shapes``);
 - ``"label"``: int, for class folders (``imagenet``);
-- ``"input_ids"``, ``"attention_mask"`` (int64, (L,)) and ``"text_embeddings"`` ((L, D)) when a
+- ``"input_ids"``, ``"attention_mask"`` (int64, (L,)) and ``"text_embeddings"`` ((L_i, D), the
+  caption's L_i real tokens, in the stored dtype: float32, float16 or bfloat16) when a
   ``prep_cc.py`` output carries pre-tokenized / pre-encoded captions.
+
+Batches of these samples are made by :class:`modules.batching.Collate`.
 
 Datasets stay on disk (file lists, memory-mapped Arrow, parquet row groups read on demand), so
 millions of images never need to fit in memory.
@@ -66,9 +72,38 @@ Transform = Callable[[Image.Image], torch.Tensor]
 # ---------------------------------------------------------------------------------------------
 
 
-def to_tensor_minus_one_one() -> v2.Compose:
-    """PIL RGB image -> float32 tensor (3, H, W) in [-1, 1] (x / 127.5 - 1)."""
-    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)])
+class ToUint8Tensor:
+    """PIL image -> contiguous uint8 tensor (3, H, W), RGB, values 0..255 (one copy)."""
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def images_to_model(images: torch.Tensor, device: Union[str, torch.device],
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) (any shape) -> ``dtype`` in [-1, 1] on ``device``.
+
+    The uint8 tensor is moved first (``non_blocking=True``: a quarter of the bytes of float32,
+    overlapping with compute from pinned memory), then converted on the device. The arithmetic
+    is torchvision's ``ToDtype(scale=True)`` + ``Normalize(0.5, 0.5)``, op for op in float32
+    (``x * (1/255)``, ``- 0.5``, ``/ 0.5``), so the result is bit for bit what the datasets
+    returned when they produced floats (``x / 127.5 - 1`` differs from it by one ulp on 111 of
+    the 256 values); other dtypes are cast from that float32 result.
+
+    A float input is a ``TypeError``: images are converted exactly once.
+    """
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise TypeError(f"images_to_model takes uint8 images (the datasets' output), got {got}; "
+                        "they are converted to [-1, 1] exactly once")
+    x = images.to(device, non_blocking=True).to(torch.float32)
+    x = x.mul_(1.0 / 255.0).sub_(0.5).div_(0.5)
+    return x if dtype == torch.float32 else x.to(dtype)
 
 
 class RandomSquareResizedCrop(torch.nn.Module):
@@ -103,11 +138,12 @@ def build_image_transform(
     random_flip: bool = False,
     random_resized_crop_scale: Sequence[float] = (0.8, 1.0),
 ) -> v2.Compose:
-    """PIL image -> (3, img_size, img_size) float tensor in [-1, 1], aspect ratio preserved.
+    """PIL image -> (3, img_size, img_size) uint8 tensor, aspect ratio preserved.
 
     ``crop="center"``: resize the short side to ``img_size`` (antialiased bilinear), center crop.
     ``crop="random_resized"``: :class:`RandomSquareResizedCrop` with ``random_resized_crop_scale``.
     ``random_flip``: horizontal flip with probability 1/2.
+    Crops and flips run on the PIL image; :func:`images_to_model` makes the floats later.
     """
     if crop not in CROP_MODES:
         raise UserError(f"crop must be one of {CROP_MODES}, got {crop!r}")
@@ -122,7 +158,7 @@ def build_image_transform(
         steps = [RandomSquareResizedCrop(img_size, (lo, hi))]
     if random_flip:
         steps.append(v2.RandomHorizontalFlip(0.5))
-    steps.extend(to_tensor_minus_one_one().transforms)
+    steps.append(ToUint8Tensor())
     return v2.Compose(steps)
 
 
@@ -169,7 +205,7 @@ class _LazyImageFiles(Dataset):
     def __init__(self, root: Path, relpaths: Sequence[str], transform: Optional[Transform]) -> None:
         self.root = root
         self._relpaths = np.array([p.encode("utf-8") for p in relpaths], dtype=np.bytes_)
-        self.transform = transform if transform is not None else to_tensor_minus_one_one()
+        self.transform = transform if transform is not None else ToUint8Tensor()
         self._broken: set[int] = set()
         self.failed_files: list[str] = []
         self._warned = False
@@ -226,7 +262,7 @@ class _LazyImageFiles(Dataset):
 
 class ImageFolderDataset(_LazyImageFiles):
     """All images under ``root`` (recursive; .jpg/.jpeg/.png/.webp in any case; sorted by path),
-    for unconditional data (celebahq, ffhq, celeba). Returns ``{"image": (3, H, W) in [-1, 1]}``.
+    for unconditional data (celebahq, ffhq, celeba). Returns ``{"image": (3, H, W) uint8}``.
 
     ``captions=True`` also returns ``"caption"`` read from each image's same-stem ``.txt`` file
     (``write_shapes_folder``'s and img2dataset's ``files`` layout); an image without one is an
@@ -298,12 +334,36 @@ def _is_saved_hf_dataset(path: Path) -> bool:
     return any((path / name).is_file() for name in ("dataset_dict.json", "state.json", "dataset_info.json"))
 
 
+# How prep_cc.py stores text embeddings: Arrow has no bfloat16, so those are its raw bits in uint16.
+STORED_TEXT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
+                                              "uint16": torch.bfloat16}
+PREP_CC_SUMMARY = "prep_cc_summary.json"
+
+
+def _row_values(column: Any) -> np.ndarray:
+    """The values of the single row of an Arrow list column (``List``, ``Sequence`` or ``ArrayXD``,
+    nested lists flattened) as a 1-D numpy array, read from the memory map without Python lists."""
+    import pyarrow as pa
+
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if isinstance(array, pa.ExtensionArray):
+        array = array.storage
+    while pa.types.is_list(array.type) or pa.types.is_large_list(array.type) or \
+            pa.types.is_fixed_size_list(array.type):
+        array = array.flatten()  # respects the row's offsets
+    return array.to_numpy(zero_copy_only=False)
+
+
 class CaptionedArrowDataset(Dataset):
     """A ``datasets.load_from_disk`` folder as ``prep_cc.py`` writes it, memory-mapped.
 
     Columns: ``image`` (datasets ``Image``), ``caption`` (str); optional ``input_ids``,
-    ``attention_mask`` (returned as int64 tensors (L,)) and ``text_embeddings`` (returned as a
-    tensor (L, D) of the stored dtype). A saved ``DatasetDict`` is indexed by ``split``.
+    ``attention_mask`` (returned as int64 tensors (L,)) and ``text_embeddings``
+    (``datasets.Array2D(shape=(None, D))``: each caption's L_i real tokens; outputs of older
+    versions hold all L rows), returned as a tensor (L_i, D) of the stored dtype: float32,
+    float16, or bfloat16, which is stored as its raw bits in uint16 (``stored_dtype: bfloat16``
+    in ``prep_cc_summary.json``) and viewed back here. Arrays are read from the memory map
+    without Python lists and without upcasting. A saved ``DatasetDict`` is indexed by ``split``.
     """
 
     ARRAY_COLUMNS = ("input_ids", "attention_mask", "text_embeddings")
@@ -328,11 +388,34 @@ class CaptionedArrowDataset(Dataset):
         if missing:
             raise UserError(f"{path} lacks columns {missing}; it has {loaded.column_names}")
         self.path = path
-        self.transform = transform if transform is not None else to_tensor_minus_one_one()
+        self.transform = transform if transform is not None else ToUint8Tensor()
         self._rows = loaded.select_columns(["image", "caption"])
         self.array_columns = [c for c in self.ARRAY_COLUMNS if c in loaded.column_names]
-        # A numpy-formatted view of the same memory map: (L, D) embeddings without Python lists.
-        self._arrays = loaded.select_columns(self.array_columns).with_format("numpy") if self.array_columns else None
+        self.text_embeddings_dtype: Optional[torch.dtype] = None
+        self.hidden_size: Optional[int] = None
+        if "text_embeddings" in self.array_columns:
+            self.text_embeddings_dtype, self.hidden_size = self._embedding_layout(path, loaded.features)
+        # An Arrow-formatted view of the same memory map: each row's arrays without Python lists.
+        self._arrays = loaded.select_columns(self.array_columns).with_format("arrow") if self.array_columns else None
+
+    @staticmethod
+    def _embedding_layout(path: Path, features: Any) -> tuple[torch.dtype, int]:
+        feature = features["text_embeddings"]
+        arrow_dtype, shape = getattr(feature, "dtype", None), getattr(feature, "shape", None)
+        if arrow_dtype not in STORED_TEXT_DTYPES or not shape or len(shape) != 2:
+            raise UserError(f"{path}: text_embeddings column of type {feature} is not understood; expected "
+                            f"datasets.Array2D of {', '.join(STORED_TEXT_DTYPES)} (re-run prep_cc.py)")
+        dtype = STORED_TEXT_DTYPES[arrow_dtype]
+        summary_file = path / PREP_CC_SUMMARY
+        if summary_file.is_file():
+            import json
+
+            entry = (json.loads(summary_file.read_text()).get("text_embeddings") or {})
+            stored = entry.get("stored_dtype")
+            if stored is not None and getattr(torch, stored, None) != dtype:
+                raise UserError(f"{summary_file} says the text embeddings are stored as {stored}, but the column "
+                                f"holds {arrow_dtype}; the folder was changed after prep_cc.py wrote it")
+        return dtype, int(shape[1])
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -341,10 +424,17 @@ class CaptionedArrowDataset(Dataset):
         row = self._rows[index]
         sample: dict[str, Any] = {"image": self.transform(row["image"].convert("RGB")), "caption": row["caption"]}
         if self._arrays is not None:
-            arrays = self._arrays[index]
+            table = self._arrays[index]  # a one-row pyarrow Table
             for name in self.array_columns:
-                tensor = torch.from_numpy(np.asarray(arrays[name]))
-                sample[name] = tensor.long() if name != "text_embeddings" else tensor
+                values = _row_values(table.column(name))
+                if name != "text_embeddings":
+                    sample[name] = torch.from_numpy(values.astype(np.int64))  # (L,)
+                    continue
+                values = values.reshape(-1, self.hidden_size)  # (L_i, D), still in the memory map
+                if self.text_embeddings_dtype == torch.bfloat16:  # raw bits: view, don't convert
+                    sample[name] = torch.from_numpy(values.view(np.int16).copy()).view(torch.bfloat16)
+                else:
+                    sample[name] = torch.from_numpy(values.copy())
         return sample
 
 
@@ -369,7 +459,7 @@ class ShapesParquetDataset(Dataset):
         self.shards = sorted(path.glob("*.parquet"))
         if not self.shards:
             raise UserError(f"no *.parquet shards in {path} (expected img2dataset --output_format parquet output)")
-        self.transform = transform if transform is not None else to_tensor_minus_one_one()
+        self.transform = transform if transform is not None else ToUint8Tensor()
         locations = []  # (shard, row group, row in group) per successful sample
         image_columns = []
         for shard_index, shard in enumerate(self.shards):
@@ -427,7 +517,7 @@ class ShapesDataset(Dataset):
         self.min_size = min_size
         self.max_size = max_size
         self.supersample = supersample
-        self.transform = transform if transform is not None else to_tensor_minus_one_one()
+        self.transform = transform if transform is not None else ToUint8Tensor()
 
     def __len__(self) -> int:
         return self.num_images

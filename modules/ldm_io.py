@@ -5,7 +5,7 @@ Stage 2 writes ``<working_directory>/model.safetensors`` with :func:`save_ldm_ex
 
 - tensors ``unet.*`` (the EMA UNet), ``vae.*`` (the frozen first-stage autoencoder) and, unless the
   text encoder is a frozen hub model, ``text_encoder.*`` (a ``CLIPTextModel`` state dict);
-- metadata (JSON values, see :func:`modules.training.export_safetensors`): ``model_config`` (the
+- metadata (JSON values, see :func:`modules.export.export_safetensors`): ``model_config`` (the
   resolved ``configs/ldm.yaml``: ``vae``, ``unet``, ``diffusion`` (the noise schedule and
   prediction type) and ``scaling_constants``), ``scaling_factor`` and ``shift_factor`` of the
   latents, ``conditioning`` (``text`` | ``class`` | ``none``), ``training_dataset``,
@@ -35,7 +35,7 @@ from modules.diffusion import DDIMSampler, DDPMSampler, NoiseSchedule, classifie
 from modules.errors import UserError
 from modules.latent_cache import vae_moments
 from modules.model_config import LDMConfig, ldm_config_from_dict
-from modules.training import export_safetensors, read_export
+from modules.export import export_safetensors, read_export
 from modules.unet import UNet
 
 __all__ = [

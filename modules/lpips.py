@@ -541,12 +541,13 @@ def ranking_loss(
 
     d0, d1: (B,) distances ref<->p0 and ref<->p1; judge: (B,) fraction preferring p1, in [0, 1].
     Computed from logits in float32 (autocast-safe; equals BCE of the sigmoid output).
-    Returns (loss, logs) with logs {"loss", "accuracy" (mean 2AFC score of d0, d1)} as Python floats.
+    Returns (loss, logs) with logs {"loss", "accuracy" (mean 2AFC score of d0, d1)} as detached 0-dim tensors
+    (read back to the host only when the trainer logs them).
     """
     judge = judge.flatten().float()
     logits = head.logits(d0.float(), d1.float())
     loss = F.binary_cross_entropy_with_logits(logits.float(), judge)
-    logs = {"loss": loss.item(), "accuracy": two_afc_score(d0.detach(), d1.detach(), judge).mean().item()}
+    logs = {"loss": loss.detach(), "accuracy": two_afc_score(d0.detach(), d1.detach(), judge).mean()}
     return loss, logs
 
 
@@ -592,7 +593,7 @@ def save_lpips_export(metric: LPIPS, path: Path, ranking_head: Optional[RankingH
     and metadata) and ``path`` with suffix ``.safetensors`` (the metric alone, config in its
     metadata), which is what stage 1's ``lpips_checkpoint`` usually names. Both hold every weight,
     trunk included, so loading needs neither a cache nor a network."""
-    from modules.training import export_safetensors
+    from modules.export import export_safetensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -619,7 +620,7 @@ def load_lpips_export(path: Path) -> Tuple[LPIPS, Dict[str, Any]]:
     Returns (metric in eval mode with every parameter frozen, metadata). A missing file, a file
     of another kind or weights that do not fit the stored config are UserErrors naming the file.
     """
-    from modules.training import read_export
+    from modules.export import read_export
 
     path = Path(path)
     if not path.is_file():

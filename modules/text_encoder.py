@@ -7,6 +7,9 @@ that the UNet's cross-attention layers attend to. :class:`TextEncoder` wraps a H
 from a local folder, frozen (the default) or trainable, and returns the hidden states together
 with the boolean padding mask, so padded positions can be masked out of cross-attention.
 
+Tokenization lives in :class:`CaptionTokenizer`, a small picklable object (one tokenizer call
+per batch) that DataLoader workers can run too: ``TextEncoder.caption_tokenizer``.
+
 Offline (tests, CI, the demo) :func:`build_tiny_clip` writes a folder with a real
 ``CLIPTokenizer`` (a byte-level BPE vocabulary learned from the captions, see
 :mod:`modules.clip_vocab`) and a small random-init ``CLIPTextModel``; ``TextEncoder(folder)``
@@ -14,10 +17,12 @@ then loads it through exactly the code path used for the real model.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -25,7 +30,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from modules.clip_vocab import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, learn_bpe
 from modules.errors import UserError
 
-__all__ = ["TextEncoder", "TokenizedCaptions", "build_tiny_clip"]
+__all__ = ["CaptionTokenizer", "TextEncoder", "TokenizedCaptions", "build_tiny_clip"]
 
 
 class TokenizedCaptions(NamedTuple):
@@ -41,6 +46,60 @@ class TokenizedCaptions(NamedTuple):
     num_truncated: int
 
 
+class CaptionTokenizer:
+    """Captions -> fixed-length (B, L) token ids and mask, with ONE tokenizer call per batch.
+
+    The Hugging Face tokenizer runs once, without truncation or padding; truncation and padding
+    are then done here, exactly as ``tokenizer(..., padding="max_length", truncation=True,
+    max_length=L)`` does them for CLIP: a caption longer than L keeps its start token, its first
+    L - 2 word pieces and its end token, and is counted; shorter ones are padded with the pad
+    token (``<|endoftext|>`` for CLIP) and mask 0. Picklable (it holds only the tokenizer and L),
+    so DataLoader workers can tokenize, e.g. in :class:`modules.batching.Collate`.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer that wraps each caption in start and end tokens (CLIP's).
+        max_length: L, the token length (77 for CLIP).
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must leave room for the start and end tokens, got {max_length}")
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad token")
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+
+    def __call__(self, captions: Sequence[str]) -> TokenizedCaptions:
+        """B captions -> ``TokenizedCaptions`` (input_ids (B, L) int64, attention_mask (B, L) int64, num_truncated)."""
+        captions = list(captions)
+        if not all(isinstance(c, str) for c in captions):
+            raise TypeError("captions must be a list of str")
+        length = self.max_length
+        input_ids = np.full((len(captions), length), self.tokenizer.pad_token_id, dtype=np.int64)
+        lengths = np.zeros(len(captions), dtype=np.int64)
+        num_truncated = 0
+        if captions:
+            pieces = self.tokenizer(captions, truncation=False, padding=False, verbose=False)["input_ids"]
+            for row, ids in enumerate(pieces):
+                if len(ids) > length:
+                    num_truncated += 1
+                    ids = ids[: length - 1] + ids[-1:]  # start token + first L - 2 pieces + end token
+                input_ids[row, : len(ids)] = ids
+                lengths[row] = len(ids)
+        attention_mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)  # (B, L)
+        return TokenizedCaptions(torch.from_numpy(input_ids), torch.from_numpy(attention_mask), num_truncated)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the ids: the tokenizer's full definition (or its
+        vocabulary) and L. Tokens cached with another tokenizer are never reused."""
+        digest = hashlib.blake2b(digest_size=16)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        definition = backend.to_str() if backend is not None else json.dumps(self.tokenizer.get_vocab(), sort_keys=True)
+        digest.update(f"{type(self.tokenizer).__name__}:{self.max_length}:{self.tokenizer.pad_token_id}:".encode())
+        digest.update(definition.encode("utf-8"))
+        return digest.hexdigest()
+
+
 class TextEncoder(nn.Module):
     """A Hugging Face CLIP text model and its tokenizer, frozen or trainable.
 
@@ -53,7 +112,8 @@ class TextEncoder(nn.Module):
             as the frozen text encoder of Stable Diffusion. True: gradients flow into it.
         dtype: parameter dtype (bfloat16 halves the memory of a frozen encoder).
 
-    Attributes: ``tokenizer``, ``model``, ``hidden_size`` (D), ``max_length`` (L, 77 for CLIP).
+    Attributes: ``tokenizer``, ``model``, ``hidden_size`` (D), ``max_length`` (L, 77 for CLIP),
+    ``caption_tokenizer`` (a picklable :class:`CaptionTokenizer` of the two, for DataLoader workers).
     """
 
     def __init__(
@@ -93,6 +153,7 @@ class TextEncoder(nn.Module):
         self.trainable = trainable
         self.hidden_size: int = self.model.config.hidden_size
         self.max_length: int = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
+        self.caption_tokenizer = CaptionTokenizer(self.tokenizer, self.max_length)
         self.model.requires_grad_(trainable)
         self.train(trainable)
 
@@ -108,20 +169,13 @@ class TextEncoder(nn.Module):
     # ------------------------------------------------------------------------------------
 
     def tokenize(self, captions: Sequence[str]) -> TokenizedCaptions:
-        """Tokenize captions to fixed-length (B, L) ids and mask, counting the truncated ones.
+        """Tokenize captions to fixed-length (B, L) ids and mask, counting the truncated ones
+        (:class:`CaptionTokenizer`: one tokenizer call).
 
         Padding is to ``max_length`` (with ``<|endoftext|>``, as CLIP pads); longer captions are
         truncated to their first L - 2 word pieces, keeping the start and end tokens.
         """
-        captions = list(captions)
-        if not all(isinstance(c, str) for c in captions):
-            raise TypeError("captions must be a list of str")
-        full_lengths = [len(ids) for ids in self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]]
-        num_truncated = sum(n > self.max_length for n in full_lengths)
-        enc = self.tokenizer(
-            captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        return TokenizedCaptions(enc["input_ids"], enc["attention_mask"], num_truncated)
+        return self.caption_tokenizer(captions)
 
     def encode(
         self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
@@ -143,9 +197,16 @@ class TextEncoder(nn.Module):
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask.long()).last_hidden_state  # (B, L, D)
         return hidden, attention_mask.bool()
 
-    def forward(self, captions: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``encode(tokenize(captions))``: list of B captions -> ((B, L, D), (B, L) bool)."""
-        tokens = self.tokenize(captions)
+    def forward(self, captions_or_ids: Union[Sequence[str], torch.Tensor],
+                attention_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``encode(tokenize(captions))`` for a list of B captions, or ``encode(input_ids, attention_mask)``
+        for token ids (B, L) tokenized earlier (in DataLoader workers) -> ((B, L, D), (B, L) bool).
+
+        Training calls it with ids through the DDP wrapper, so a trained encoder's gradients are synced.
+        """
+        if isinstance(captions_or_ids, torch.Tensor):
+            return self.encode(captions_or_ids, attention_mask)
+        tokens = self.tokenize(captions_or_ids)
         return self.encode(tokens.input_ids, tokens.attention_mask)
 
     def null_condition(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:

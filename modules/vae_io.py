@@ -27,7 +27,7 @@ from modules.autoencoder import (
 )
 from modules.config import from_dict, to_dict
 from modules.errors import UserError
-from modules.training import EXPORT_FORMAT, export_safetensors, read_export
+from modules.export import EXPORT_FORMAT, export_safetensors, read_export
 
 VAE_EXPORT_KIND = "vae"
 # Metadata keys stored verbatim by safetensors (everything else is JSON-encoded).

@@ -1,15 +1,19 @@
 """Datasets shared by stage 1 and 2: folders (recursion, extensions, broken files), class
 folders, prep_cc.py's Arrow output, shapes (parquet and on the fly), the aspect-preserving
-transforms, the ``--dataset`` registry and the held-out split."""
+transforms, uint8 images and their one conversion (images_to_model), the ``--dataset`` registry
+and the held-out split."""
 import logging
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import json
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from modules.errors import UserError
 from modules.image_datasets import (
@@ -19,12 +23,14 @@ from modules.image_datasets import (
     ImageFolderDataset,
     ShapesDataset,
     ShapesParquetDataset,
+    ToUint8Tensor,
     build_dataset,
     build_image_transform,
     dataset_conditioning,
+    images_to_model,
     split_holdout,
-    to_tensor_minus_one_one,
 )
+from modules.batching import Collate
 from modules.shapes import (
     IMG2DATASET_PARQUET_SCHEMA,
     render_shape,
@@ -45,9 +51,19 @@ def expected_pixel(color):
     return torch.tensor(color, dtype=torch.float32) / 127.5 - 1
 
 
+def floats(image):
+    """A dataset's uint8 image (3, H, W) as the model sees it: float32 in [-1, 1]."""
+    return images_to_model(image, "cpu")
+
+
 def center_pixel(sample):
-    image = sample["image"]
+    image = floats(sample["image"])
     return image[:, image.shape[1] // 2, image.shape[2] // 2]
+
+
+def old_float_transform():
+    """What the datasets returned before images became uint8: torchvision's float conversion."""
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,10 +87,10 @@ def test_image_folder_is_recursive_sorted_and_reads_the_listed_extensions(tmp_pa
     for i, color in enumerate(colors):
         sample = ds[i]
         assert set(sample) == {"image"}
-        assert sample["image"].shape == (3, 8, 8) and sample["image"].dtype == torch.float32
+        assert sample["image"].shape == (3, 8, 8) and sample["image"].dtype == torch.uint8
+        assert sample["image"].is_contiguous()
         tol = 0 if i == 0 else 0.05  # PNG is lossless, JPEG/WebP nearly
         assert torch.allclose(center_pixel(sample), expected_pixel(color), atol=tol + 1e-6)
-    assert ds[0]["image"].min() >= -1 and ds[3]["image"].max() <= 1
     assert ds[-1]["image"].shape == (3, 8, 8)
     with pytest.raises(IndexError):
         ds[4]
@@ -178,8 +194,8 @@ def dark_extent(image):
 def test_center_crop_resizes_the_short_side_and_keeps_circles_round(width, height):
     transform = build_image_transform(32, crop="center", random_flip=False)
     out = transform(circle_image(width, height, 48))
-    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-    assert out.min() >= -1 and out.max() <= 1
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    out = floats(out)
     h, w = dark_extent(out)
     assert abs(h - w) <= 1 and abs(h - 24) <= 1  # 48 * 32 / 64; a squash would give 12 x 24
     # centred: the circle's centre stays at the image centre
@@ -193,7 +209,8 @@ def test_random_resized_crop_never_squashes():
     whole = 0
     for _ in range(40):
         out = transform(circle_image(192, 96, 40))
-        assert out.shape == (3, 32, 32)
+        assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+        out = floats(out)
         dark = out.mean(dim=0) < 0
         if not dark.any() or dark[0].any() or dark[-1].any() or dark[:, 0].any() or dark[:, -1].any():
             continue  # the crop missed or cut the circle
@@ -205,8 +222,8 @@ def test_random_resized_crop_never_squashes():
     assert whole >= 10
     # scale (1, 1) on a square image is the whole image, as the center crop
     transform = build_image_transform(32, crop="random_resized", random_resized_crop_scale=(1.0, 1.0))
-    assert torch.allclose(transform(circle_image(64, 64, 48)), build_image_transform(32)(circle_image(64, 64, 48)),
-                          atol=0.02)
+    assert torch.allclose(floats(transform(circle_image(64, 64, 48))),
+                          floats(build_image_transform(32)(circle_image(64, 64, 48))), atol=0.02)
 
 
 def test_random_flip_flips_half_of_the_time():
@@ -214,9 +231,60 @@ def test_random_flip_flips_half_of_the_time():
     ImageDraw.Draw(img).rectangle((0, 0, 3, 15), fill=(255, 255, 255))  # a white stripe on the left
     torch.manual_seed(0)
     flipped = build_image_transform(16, random_flip=True)
-    lefts = [bool(flipped(img)[0, 8, 0] > 0) for _ in range(200)]
+    lefts = [bool(flipped(img)[0, 8, 0] > 127) for _ in range(200)]
     assert 70 < sum(lefts) < 130
-    assert all(bool(build_image_transform(16)(img)[0, 8, 0] > 0) for _ in range(5))
+    assert all(bool(build_image_transform(16)(img)[0, 8, 0] > 127) for _ in range(5))
+
+
+def test_images_to_model_is_bit_identical_to_the_old_float_transform():
+    """uint8 datasets + images_to_model give exactly the floats the float32 datasets gave, so
+    validation and quality numbers do not move."""
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    ramp = Image.fromarray(np.stack([values, values[::-1], values.T], axis=-1))
+    uint8 = ToUint8Tensor()(ramp)
+    assert uint8.dtype == torch.uint8 and uint8.shape == (3, 16, 16)
+    old = old_float_transform()(ramp)
+    assert torch.equal(images_to_model(uint8, "cpu"), old)  # all 256 values, bit for bit
+    # ... which the shorter formula x / 127.5 - 1 would not be (one ulp off on 111 of the 256 values).
+    assert not torch.equal(uint8.float() / 127.5 - 1, old)
+    # The same through the crop: the geometry runs on the PIL image, as it did.
+    photo = render_shape(sample_specs(1, seed=3)[0], 40).resize((48, 40))
+    new = images_to_model(build_image_transform(24)(photo).unsqueeze(0), "cpu")  # (1, 3, 24, 24)
+    reference = v2.Compose([v2.Resize(24, antialias=True), v2.CenterCrop(24), old_float_transform()])(photo)
+    assert new.shape == (1, 3, 24, 24) and torch.equal(new[0], reference)
+    # Other dtypes are cast from those floats.
+    half = images_to_model(uint8[None], "cpu", dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half[0], old.to(torch.bfloat16))
+
+
+def test_images_to_model_takes_only_uint8():
+    with pytest.raises(TypeError, match="uint8"):
+        images_to_model(torch.zeros(1, 3, 4, 4), "cpu")  # already float: converting twice is a bug
+    with pytest.raises(TypeError, match="uint8"):
+        images_to_model(torch.zeros(1, 3, 4, 4, dtype=torch.int64), "cpu")
+    out = images_to_model(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8), torch.device("cpu"))
+    assert out.dtype == torch.float32 and bool((out == 1).all())
+
+
+def test_every_dataset_serves_uint8_images(tmp_path):
+    """4x fewer bytes through workers, pinned memory and the host-to-device copy."""
+    import datasets
+
+    solid(tmp_path / "faces" / "a.png", (9, 9, 9), size=(20, 12))
+    solid(tmp_path / "classes" / "x" / "a.png", (9, 9, 9))
+    write_shapes_parquet(tmp_path / "sp", num_images=2, img_size=16, seed=1)
+    write_shapes_folder(tmp_path / "sf", num_images=2, img_size=16, seed=1)
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": [Image.new("RGB", (10, 14), (1, 2, 3))], "caption": ["x"]},
+                               features=features).save_to_disk(str(tmp_path / "cc"))
+    built = [build_dataset("celebahq", tmp_path / "faces", 8), build_dataset("imagenet", tmp_path / "classes", 8),
+             build_dataset("shapes", None, 8, shapes_num_images=2), build_dataset("shapes", tmp_path / "sp", 8),
+             build_dataset("shapes", tmp_path / "sf", 8), build_dataset("conceptual_captions", tmp_path / "cc", 8),
+             build_dataset("celebahq", tmp_path / "faces", 8, crop="random_resized", random_flip=True)]
+    for dataset in built:
+        image = dataset[0]["image"]
+        assert type(image) is torch.Tensor and image.dtype == torch.uint8, type(dataset).__name__
+        assert image.shape == (3, 8, 8) and image.is_contiguous()
 
 
 def test_transform_arguments_are_checked():
@@ -261,8 +329,11 @@ def test_captioned_arrow_dataset_reads_images_captions_and_token_arrays(tmp_path
     assert sample["attention_mask"].dtype == torch.int64 and sample["attention_mask"].tolist() == [1, 1, 1, 0]
     assert sample["text_embeddings"].dtype == torch.float32
     assert torch.equal(sample["text_embeddings"], torch.from_numpy(emb[1]))
-    batch = next(iter(DataLoader(ds, batch_size=2)))
-    assert batch["image"].shape == (2, 3, 8, 8) and batch["text_embeddings"].shape == (2, 4, 3)
+    batch = next(iter(DataLoader(ds, batch_size=2, collate_fn=Collate())))
+    assert batch["image"].shape == (2, 3, 8, 8) and batch["image"].dtype == torch.uint8
+    assert batch["text_embeddings"].shape == (2, 4, 3)
+    # Embeddings stored with their padding (older prep_cc outputs): the stored mask marks the real tokens.
+    assert batch["text_embeddings_mask"].tolist() == [[True, True, True, False]] * 2
     assert batch["caption"] == ["a red thing", "a blue thing"]
 
     # without the optional columns: image and caption only; a DatasetDict is read by split
@@ -274,6 +345,57 @@ def test_captioned_arrow_dataset_reads_images_captions_and_token_arrays(tmp_path
     assert len(val) == 1 and set(val[0]) == {"image", "caption"} and val[0]["caption"] == "y"
     with pytest.raises(UserError, match="no split 'test'"):
         CaptionedArrowDataset(tmp_path / "dd", split="test")
+
+
+def _prep_cc_layout(path, stored_dtype, rows, summary_dtype=None):
+    """A prep_cc.py-style dataset: trimmed (L_i, D) embeddings in a dynamic Array2D column."""
+    import datasets
+
+    arrow = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}[stored_dtype]
+    data = {
+        "image": [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(len(rows))],
+        "caption": [f"caption {i}" for i in range(len(rows))],
+        "input_ids": [[7] * len(r) + [0] * (6 - len(r)) for r in rows],
+        "attention_mask": [[1] * len(r) + [0] * (6 - len(r)) for r in rows],
+        "text_embeddings": [r.view(torch.int16).numpy().view(np.uint16) if stored_dtype == "bfloat16"
+                            else r.numpy() for r in rows],
+    }
+    features = datasets.Features({
+        "image": datasets.Image(), "caption": datasets.Value("string"),
+        "input_ids": datasets.List(datasets.Value("int32"), length=6),
+        "attention_mask": datasets.List(datasets.Value("int8"), length=6),
+        "text_embeddings": datasets.Array2D(shape=(None, 3), dtype=arrow),
+    })
+    datasets.Dataset.from_dict(data, features=features).save_to_disk(str(path))
+    summary = {"hf_clip_model_name": "tiny", "text_embeddings": {"stored_dtype": summary_dtype or stored_dtype}}
+    (path / "prep_cc_summary.json").write_text(json.dumps(summary))
+    return path
+
+
+@pytest.mark.parametrize("stored_dtype", ["float32", "float16", "bfloat16"])
+def test_captioned_arrow_dataset_serves_trimmed_embeddings_in_the_stored_dtype(tmp_path, stored_dtype):
+    dtype = getattr(torch, stored_dtype)
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randn(n, 3, generator=generator).to(dtype) for n in (2, 5, 3)]  # (L_i, D), real tokens only
+    ds = CaptionedArrowDataset(_prep_cc_layout(tmp_path / "cc", stored_dtype, rows))
+    assert ds.text_embeddings_dtype == dtype and ds.hidden_size == 3
+    for i, row in enumerate(rows):
+        sample = ds[i]
+        # Exactly the stored values, in the stored dtype: no float32 upcast, bfloat16 viewed back from its bits.
+        assert sample["text_embeddings"].dtype == dtype and torch.equal(sample["text_embeddings"], row)
+        assert sample["attention_mask"].tolist() == [1] * len(row) + [0] * (6 - len(row))
+        assert sample["input_ids"].dtype == torch.int64 and sample["image"].dtype == torch.uint8
+    batch = Collate()([ds[i] for i in range(3)])
+    assert batch["text_embeddings"].shape == (3, 5, 3) and batch["text_embeddings"].dtype == dtype
+    assert batch["text_embeddings_mask"].sum(dim=1).tolist() == [2, 5, 3]
+    assert torch.equal(batch["text_embeddings"][0, :2], rows[0]) and not batch["text_embeddings"][0, 2:].any()
+
+
+def test_captioned_arrow_dataset_checks_the_summary_dtype(tmp_path):
+    rows = [torch.zeros(2, 3, dtype=torch.float16)]
+    _prep_cc_layout(tmp_path / "cc", "float16", rows, summary_dtype="bfloat16")
+    with pytest.raises(UserError, match="stored as bfloat16, but the column holds float16"):
+        CaptionedArrowDataset(tmp_path / "cc")
 
 
 def test_captioned_arrow_dataset_path_errors(tmp_path):
@@ -302,8 +424,8 @@ def test_shapes_parquet_dataset_reads_successful_rows(tmp_path):
     for i in [0, 4, 3, 6, 1]:  # out of order: crosses row groups and shards
         sample = ds[i]
         assert sample["caption"] == specs[i].caption
-        reference = to_tensor_minus_one_one()(render_shape(specs[i], 16))
-        assert (sample["image"] - reference).abs().mean() < 0.04  # JPEG quality 95, 4:4:4
+        reference = floats(ToUint8Tensor()(render_shape(specs[i], 16)))
+        assert (floats(sample["image"]) - reference).abs().mean() < 0.04  # JPEG quality 95, 4:4:4
     # DataLoader workers get their own (empty) row-group cache
     captions = [c for batch in DataLoader(ds, batch_size=3, num_workers=2) for c in batch["caption"]]
     assert captions == [s.caption for s in specs]
@@ -322,7 +444,7 @@ def test_shapes_on_the_fly_equal_the_rendered_images():
     for i in range(5):
         sample = ds[i]
         assert sample["caption"] == specs[i].caption
-        assert torch.equal(sample["image"], to_tensor_minus_one_one()(render_shape(specs[i], 24)))
+        assert torch.equal(sample["image"], ToUint8Tensor()(render_shape(specs[i], 24)))
     assert torch.equal(ds[-1]["image"], ds[4]["image"])
     with pytest.raises(IndexError):
         ds[5]

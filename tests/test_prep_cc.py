@@ -221,29 +221,38 @@ def encoded_output(img2dataset_raw, tiny_clip, tmp_path_factory):
 
 
 def test_pre_encode_text_matches_clip_last_hidden_state(encoded_output, tiny_clip, tutorial_output):
-    """Same rows as the tutorial run, plus the tiny CLIP's last hidden states."""
+    """Same rows as the tutorial run, plus the tiny CLIP's last hidden states of the real tokens."""
+    import datasets
     from transformers import CLIPTextModel
 
     out, summary = encoded_output
-    assert summary["kept"] == 4 and summary["text_embeddings"]["stored_dtype"] == "float32"
+    assert summary["kept"] == 4
+    text = summary["text_embeddings"]
+    assert (text["stored_dtype"], text["arrow_dtype"], text["hidden_size"]) == ("float32", "float32", 32)
 
     rows, reference_rows = load_rows(out), load_rows(tutorial_output[0])
     assert list(rows["caption"]) == list(reference_rows["caption"])
     assert list(rows["input_ids"]) == list(reference_rows["input_ids"])
-    embeddings = np.array(rows.with_format("numpy")["text_embeddings"])
-    assert embeddings.shape == (4, 77, 32) and embeddings.dtype == np.float32
+    # Trimmed: one (L_i, D) array per caption, L_i its real tokens, in a dynamic-length Array2D column.
+    assert rows.features["text_embeddings"] == datasets.Array2D(shape=(None, 32), dtype="float32")
+    lengths = [int(sum(m)) for m in rows["attention_mask"]]
+    assert text["num_tokens"] == sum(lengths) and text["mean_tokens_per_caption"] == sum(lengths) / 4
+    assert text["bytes_per_caption"] == 4 * 32 * sum(lengths) / 4
     model = CLIPTextModel.from_pretrained(str(tiny_clip)).eval()
     with torch.no_grad():
         expected = model(input_ids=torch.tensor(list(rows["input_ids"])).long(),
                          attention_mask=torch.tensor(list(rows["attention_mask"])).long()).last_hidden_state
-    np.testing.assert_allclose(embeddings, expected.numpy(), atol=1e-5, rtol=1e-5)
 
-    # The stage-2 reader serves them as (L, D) tensors next to the image.
+    # The stage-2 reader serves them as (L_i, D) tensors next to the uint8 image.
     from modules.image_datasets import CaptionedArrowDataset
 
-    sample = CaptionedArrowDataset(out)[0]
-    assert sample["text_embeddings"].shape == (77, 32) and sample["input_ids"].dtype == torch.int64
-    assert sample["image"].min() >= -1 and sample["image"].max() <= 1
+    dataset = CaptionedArrowDataset(out)
+    for i, length in enumerate(lengths):
+        sample = dataset[i]
+        assert sample["text_embeddings"].shape == (length, 32) and sample["text_embeddings"].dtype == torch.float32
+        torch.testing.assert_close(sample["text_embeddings"], expected[i, :length], atol=1e-5, rtol=1e-5)
+        assert sample["input_ids"].dtype == torch.int64 and sample["image"].dtype == torch.uint8
+    assert lengths[[c for c in rows["caption"]].index(LONG_CAPTION)] == 77
 
 
 def test_stage2_trains_on_the_result(encoded_output, tiny_clip, tmp_path):
@@ -312,18 +321,43 @@ def test_shapes_parquet_all_kept_in_order(tmp_path, tiny_clip):
 
     stored = rows.cast_column("image", datasets.Image(decode=False))["image"]
     assert [s["bytes"] for s in stored] == shard_bytes
-    # bfloat16 states are stored as float32 holding exactly the bfloat16 values.
-    embeddings = np.array(rows.with_format("numpy")["text_embeddings"])
-    assert embeddings.dtype == np.float32
-    np.testing.assert_array_equal(torch.from_numpy(embeddings).bfloat16().float().numpy(), embeddings)
+    # bfloat16 states are stored in 16 bits: their raw bits in uint16 (Arrow has no bfloat16), trimmed.
+    assert rows.features["text_embeddings"] == datasets.Array2D(shape=(None, 32), dtype="uint16")
+    assert summary["text_embeddings"]["stored_dtype"] == "bfloat16"
+    assert json.loads((out / "prep_cc_summary.json").read_text())["text_embeddings"]["stored_dtype"] == "bfloat16"
     from transformers import CLIPTextModel
+
+    from modules.image_datasets import CaptionedArrowDataset
 
     with torch.no_grad():
         reference = CLIPTextModel.from_pretrained(str(tiny_clip)).eval()(
             input_ids=torch.tensor(list(rows["input_ids"])).long(),
             attention_mask=torch.tensor(list(rows["attention_mask"])).long()).last_hidden_state
-    error = np.abs(embeddings - reference.numpy())
+    dataset = CaptionedArrowDataset(out)
+    lengths = [int(sum(m)) for m in rows["attention_mask"]]
+    served = [dataset[i]["text_embeddings"] for i in range(11)]
+    assert all(e.dtype == torch.bfloat16 and e.shape == (n, 32) for e, n in zip(served, lengths))
+    error = torch.cat([(e.float() - reference[i, :n]).abs() for i, (e, n) in enumerate(zip(served, lengths))])
     assert error.max() < 0.1 and error.mean() < 0.01  # bfloat16 keeps 8 bits of mantissa
+    # 2 bytes per value, real tokens only: the Arrow column holds nothing else.
+    column = rows.data.column("text_embeddings")
+    values = sum(len(chunk.storage.flatten().flatten()) for chunk in column.chunks)
+    assert values == 32 * sum(lengths) and summary["text_embeddings"]["bytes_per_caption"] == 2 * 32 * sum(lengths) / 11
+
+
+def test_float16_text_embeddings_are_stored_as_float16(tmp_path, tiny_clip):
+    import prep_cc
+    from modules.image_datasets import CaptionedArrowDataset
+
+    write_shapes_parquet(tmp_path / "raw", num_images=3, img_size=16, seed=5)
+    summary = prep_cc.main(["--path_to_data_root", str(tmp_path / "raw"), "--path_to_save", str(tmp_path / "out"),
+                            "--hf_clip_model_name", str(tiny_clip), "--num_cpu_workers", "0", "--dtype", "float16",
+                            "--pre_encode_text", "--device", "cpu"])
+    assert (summary["text_embeddings"]["stored_dtype"], summary["text_embeddings"]["arrow_dtype"]) == ("float16",) * 2
+    dataset = CaptionedArrowDataset(tmp_path / "out")
+    sample = dataset[0]
+    assert sample["text_embeddings"].dtype == torch.float16
+    assert sample["text_embeddings"].shape == (int(sample["attention_mask"].sum()), 32)
 
 
 # ---------------------------------------------------------------------------------------------

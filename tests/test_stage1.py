@@ -33,7 +33,7 @@ def tiny_overrides(lpips_path):
     return [
         "vae.img_size=32", "vae.vae_channels_per_block=[8,16]", "vae.norm_num_groups=4",
         "vae.residual_layers_per_block=1",
-        "training_args.total_training_iterations=6", "training_args.per_gpu_batch_size=4",
+        "training_args.total_training_iterations=6", "training_args.per_gpu_batch_size=2",
         "training_args.gradient_accumulation_steps=2", "training_args.disc_start=4",
         "training_args.checkpoint_iterations=2", "training_args.val_generation_freq=3",
         "training_args.num_val_images=4", "training_args.logging_steps=1", "training_args.num_workers=0",
@@ -89,7 +89,8 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def kl_run(assets):
-    """The tutorial's KL celebahq command, uninterrupted: 6 steps, GAN from step 4, EMA, accumulation 2."""
+    """The tutorial's KL celebahq command, uninterrupted: 6 steps of 2 micro-batches of 2 images, GAN from
+    step 4, EMA."""
     work, gens = assets["root"] / "vae_celeba", assets["root"] / "gens"
     launch(tutorial_kl_command(work, assets["data"], gens, assets["lpips"]))
     return {"work": work, "run": work / "VAETrainer", "gens": gens}
@@ -316,10 +317,73 @@ def test_negative_kl_weight_is_one_line_error_from_the_command_line(tmp_path, as
 
 def test_config_errors_name_the_key(tmp_path, assets, capsys, fresh_log_handler):
     code, err = run_in_process(bad_input_command(tmp_path, assets, assets["data"],
-                                                 with_sets(["training_args.per_gpu_batch_size=3"])), capsys)
-    assert code == 2 and "per_gpu_batch_size (3) must be a multiple of gradient_accumulation_steps (2)" in err
+                                                 with_sets(["training_args.per_gpu_batch_size=0"])), capsys)
+    assert code == 2 and "per_gpu_batch_size must be >= 1, got 0" in err
     code, err = run_in_process(bad_input_command(tmp_path, assets, assets["data"],
                                                  with_sets(["training_args.disc_lr=1"])), capsys)
     assert code == 2 and "unknown key 'disc_lr'" in err and "disc_learning_rate" in err
     code, err = run_in_process(bad_input_command(tmp_path, assets, assets["data"], ["--dataset", "mnist"]), capsys)
     assert code == 2 and "unknown dataset 'mnist'" in err and "celebahq" in err
+
+
+# ---- the shared loop as stage 1 drives it ---------------------------------------------------------
+
+def recording_loop(seen):
+    """A stand-in for stage1's train_loop that records every micro-batch (step, uint8 images) the
+    step function receives, then runs the real loop."""
+    from modules.loop import train_loop
+
+    def loop(accelerator, *, step_fn, **kwargs):
+        def recorded(batch, step):
+            seen.append((step, batch.clone()))
+            yield from step_fn(batch, step)
+        return train_loop(accelerator, step_fn=recorded, **kwargs)
+    return loop
+
+
+def augmenting_command(work, assets, extra=()):
+    """Random crops and flips, 2 persistent workers, 4-image micro-batches x 2 accumulation: the 20
+    training images are 5 micro-batches = 3 optimizer steps (2 + 2 + 1) per epoch; 9 steps = 3 epochs."""
+    return ["--working_directory", str(work), "--training_config", str(REPO_ROOT / "configs/stage1_vae_train.yaml"),
+            "--model_config", str(REPO_ROOT / "configs/ldm.yaml"), "--dataset", "celebahq",
+            "--path_to_dataset", str(assets["data"])] + with_sets(tiny_overrides(assets["lpips"]) + [
+                "training_args.total_training_iterations=9", "training_args.per_gpu_batch_size=4",
+                "training_args.num_workers=2", "training_args.crop=random_resized",
+                "training_args.random_resized_crop_scale=[0.5,1.0]", "training_args.disc_start=100",
+                "training_args.val_generation_freq=100", "training_args.checkpoint_iterations=100"]) + list(extra)
+
+
+def test_augmentations_change_every_epoch_with_workers_and_resume_sees_the_same_images(
+        tmp_path, assets, monkeypatch, fresh_log_handler):
+    import stage1_vae_trainer
+
+    full, part = [], []
+    monkeypatch.setattr(stage1_vae_trainer, "train_loop", recording_loop(full))
+    stage1_vae_trainer.main(augmenting_command(tmp_path / "full", assets))
+    # per_gpu_batch_size is the micro-batch: 4 images per forward, 2 per optimizer step (1 at an epoch's end)
+    assert all(images.shape == (4, 3, IMG, IMG) and images.dtype == torch.uint8 for _, images in full)
+    assert [step for step, _ in full] == [0, 0, 1, 1, 2, 3, 3, 4, 4, 5, 6, 6, 7, 7, 8]
+    epochs = [torch.cat([images for _, images in full[i:i + 5]]) for i in (0, 5, 10)]
+    for a, b in ((0, 1), (1, 2)):  # frozen augmentations would repeat every image exactly
+        same = sum(any(torch.equal(x, y) for y in epochs[b]) for x in epochs[a])
+        assert same <= 5, f"{same} of 20 images of epoch {a} reappear unchanged in epoch {b}"
+
+    monkeypatch.setattr(stage1_vae_trainer, "train_loop", recording_loop(part))
+    stage1_vae_trainer.main(augmenting_command(tmp_path / "part", assets, ["--stop_after_steps", "4"]))
+    stage1_vae_trainer.main(augmenting_command(tmp_path / "part", assets, ["--resume_from_checkpoint", "latest"]))
+    assert [step for step, _ in part] == [step for step, _ in full]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(part, full))  # mid-epoch resume: the same images
+    exported = [load_file(str(tmp_path / w / "model.safetensors")) for w in ("full", "part")]
+    assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
+
+
+def test_lpips_weight_zero_needs_no_lpips_checkpoint(tmp_path, assets, fresh_log_handler):
+    import stage1_vae_trainer
+
+    command = bad_input_command(tmp_path, assets, assets["data"], with_sets([
+        "training_args.lpips_weight=0", f"training_args.lpips_checkpoint={tmp_path / 'never_trained.safetensors'}",
+        "training_args.total_training_iterations=3", "training_args.disc_start=100"]))
+    assert stage1_vae_trainer.main(command) == tmp_path / "work" / "model.safetensors"
+    rows = records(tmp_path / "work" / "VAETrainer")
+    assert [r["step"] for r in rows if "val_psnr" in r] == [3]  # the last step is always validated
+    assert not any("lpips" in r or "val_lpips" in r for r in rows)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import stage2_diffusion_trainer as s2
 from modules.autoencoder import VAEConfig, build_autoencoder
 from modules.cli import run_main
-from modules.latent_cache import CachedLatentDataset, FlipAugmented, cache_is_complete, flip_decision
+from modules.latent_cache import cache_is_complete
 from modules.ldm_io import load_ldm_export
 from modules.model_config import load_ldm_config
 from modules.shapes import COLOR_NAMES, SHAPE_NAMES, render_shape, sample_specs
@@ -289,7 +289,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(assets, uninterrupted, tmp_path
     stopped = s2.main(argv + ["--stop_after_steps", "2"])
     assert stopped.step == 2 and stopped.export_path is None and not (tmp_path / "model.safetensors").exists()
     assert json.loads((tmp_path / "DiffusionTrainer/checkpoint_2/trainer_state.json").read_text()) == \
-        {"step": 2, "epoch": 0, "batch_in_epoch": 4}
+        {"step": 2, "epoch": 0, "batch_in_epoch": 4, "skipped_steps": 0}
     resumed = s2.main(argv + ["--resume_from_checkpoint", "latest"])
     assert resumed.step == 4
     full = load_file(str(full_work / "model.safetensors"))
@@ -382,7 +382,7 @@ def test_trainable_text_encoder_and_loss_options(assets, tmp_path):
     """The original LDM trained its text encoder; v-prediction, Min-SNR, Huber and offset noise on top."""
     argv = inprocess_argv(assets, tmp_path, total_training_iterations=2, gradient_accumulation_steps=1,
                           train_text_encoder="true", snr_gamma=5.0, loss_type="huber", offset_noise=0.1,
-                          use_ema="false", sampler="ddpm", max_grad_norm=0.0)
+                          use_ema="false", sampler="ddpm", max_grad_norm="null")
     result = s2.main(argv + ["--set", "diffusion.prediction_type=v_prediction"])
     records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in records) and "grad_norm" not in records[0]
@@ -398,34 +398,6 @@ def test_trainable_text_encoder_and_loss_options(assets, tmp_path):
     assert images.shape == (1, 3, IMG, IMG) and torch.isfinite(images).all()
 
 
-def test_cached_and_on_the_fly_flips_agree(assets, tmp_path):
-    """Both paths mirror the same images in the same epochs (flip_decision of seed, epoch, index)."""
-    from modules.image_datasets import build_dataset
-
-    flips = [flip_decision(7, e, i) for e in range(4) for i in range(500)]
-    assert 0.45 < np.mean(flips) < 0.55  # a fair coin
-    assert flips[:500] != flips[500:1000]  # a new draw every epoch
-
-    base = build_dataset("imagenet", assets["root"] / "imagenet", IMG)
-    wrapped = FlipAugmented(base, seed=7)
-    moments = np.zeros((len(base), 2, 2, 1, 1, 1), dtype=np.float32)
-    moments[:, 1] = 1.0  # view 1 (mirror) marked by ones
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    np.save(cache / "moments.npy", moments)
-    np.save(cache / "labels.npy", np.array([base[i]["label"] for i in range(len(base))]))
-    (cache / "meta.json").write_text(json.dumps({"shape": list(moments.shape), "flips": True}))
-    cached = CachedLatentDataset(cache, seed=7, random_flip=True)
-    for epoch in range(3):
-        wrapped.set_epoch(epoch)
-        cached.set_epoch(epoch)
-        for i in range(len(base)):
-            plain, item = base[i]["image"], wrapped[i]["image"]
-            mirrored = torch.equal(item, plain.flip(-1)) and not torch.equal(item, plain)
-            assert mirrored == bool(cached[i]["latent_mean"].item()) == flip_decision(7, epoch, i)
-            assert cached[i]["label"] == base[i]["label"]
-
-
 # ----------------------------------------------------------------------------------------
 # Mechanics: classifier-free-guidance dropout, padding
 # ----------------------------------------------------------------------------------------
@@ -433,7 +405,8 @@ def test_cached_and_on_the_fly_flips_agree(assets, tmp_path):
 @pytest.mark.parametrize("prob", [0.0, 0.1, 0.5, 1.0])
 def test_cfg_dropout_fraction_matches_probability(prob):
     n = 200_000
-    mask = s2.cfg_dropout_mask(n, prob, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    mask = s2.cfg_dropout_mask(n, prob, torch.device("cpu"))
     sigma = (prob * (1 - prob) / n) ** 0.5
     assert abs(mask.float().mean().item() - prob) <= 5 * sigma + 1e-12
     # Independent draws: no correlation between neighbours.
@@ -447,8 +420,11 @@ def test_conditioner_drops_captions_to_the_empty_prompt_and_labels_to_the_null_c
     encoder = TextEncoder(assets["clip"])
     conditioner = s2.Conditioner("text", encoder)
     captions = SHAPE_PROMPTS * 200
-    drop = s2.cfg_dropout_mask(len(captions), 0.3, torch.Generator().manual_seed(1))
-    cond = conditioner({"caption": captions}, drop, torch.device("cpu"))
+    torch.manual_seed(1)
+    drop = s2.cfg_dropout_mask(len(captions), 0.3, torch.device("cpu"))
+    tokens = encoder.caption_tokenizer(captions)  # as the DataLoader workers tokenize
+    cond = conditioner({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}, drop,
+                       torch.device("cpu"))
     null_hidden, null_mask = encoder([""])
     is_null = [torch.equal(m, null_mask[0]) and torch.allclose(h, null_hidden[0], atol=1e-6)
                for h, m in zip(cond["context"], cond["context_mask"])]
@@ -457,7 +433,8 @@ def test_conditioner_drops_captions_to_the_empty_prompt_and_labels_to_the_null_c
 
     classes = s2.Conditioner("class", null_class=4)
     labels = torch.arange(400) % 4
-    drop = s2.cfg_dropout_mask(400, 0.25, torch.Generator().manual_seed(2))
+    torch.manual_seed(2)
+    drop = s2.cfg_dropout_mask(400, 0.25, torch.device("cpu"))
     out = classes({"label": labels}, drop, torch.device("cpu"))["class_labels"]
     assert torch.equal(out == 4, drop) and torch.equal(out[~drop], labels[~drop])
 
@@ -475,18 +452,20 @@ def test_padded_text_tokens_do_not_change_the_unet_output(assets):
     keep = torch.zeros(2, dtype=torch.bool)
     cpu = torch.device("cpu")
     with torch.no_grad():
-        cond = s2.Conditioner("text", encoder)({"caption": SHAPE_PROMPTS}, keep, cpu)
+        tokens = encoder.caption_tokenizer(SHAPE_PROMPTS)
+        cond = s2.Conditioner("text", encoder)({"input_ids": tokens.input_ids,
+                                                "attention_mask": tokens.attention_mask}, keep, cpu)
         reference = unet(x, t, **cond)
         mask = cond["context_mask"]
         assert (~mask).sum() > 0  # there is padding to perturb
         junk = torch.where(mask[..., None], cond["context"], 100 * torch.randn_like(cond["context"]))
         pre = s2.Conditioner("text", encoder, use_pre_encoded=True)(
-            {"text_embeddings": junk, "attention_mask": mask.long()}, keep, cpu)
+            {"text_embeddings": junk, "text_embeddings_mask": mask}, keep, cpu)
         assert torch.allclose(unet(x, t, **pre), reference, atol=1e-5)
         # Fewer padding positions (truncated to the longest caption): the same output too.
         length = int(mask.sum(1).max())
         short = s2.Conditioner("text", encoder, use_pre_encoded=True)(
-            {"text_embeddings": cond["context"][:, :length], "attention_mask": mask[:, :length].long()}, keep, cpu)
+            {"text_embeddings": cond["context"][:, :length], "text_embeddings_mask": mask[:, :length]}, keep, cpu)
         assert torch.allclose(unet(x, t, **short), reference, atol=1e-5)
         # Without the mask the padding does change it: the test can see a difference.
         assert not torch.allclose(unet(x, t, context=junk), reference, atol=1e-3)
@@ -557,3 +536,89 @@ def test_cli_error_has_no_traceback(assets, tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: no images in")
+
+
+# ----------------------------------------------------------------------------------------
+# The shared loop as stage 2 drives it: epochs reach the workers, nothing is re-tokenized or
+# re-encoded per step, the trained text encoder is exported as its EMA
+# ----------------------------------------------------------------------------------------
+
+def recording_loop(seen, forbidden=()):
+    """A stand-in for stage 2's train_loop that records every batch the step function receives and
+    makes each (class, method) in ``forbidden`` raise while the step function runs."""
+    from modules.loop import train_loop
+
+    def refuse(name):
+        def method(*args, **kwargs):
+            raise AssertionError(f"{name} ran inside the training step")
+        return method
+
+    def loop(accelerator, *, step_fn, **kwargs):
+        def recorded(batch, step):
+            seen.append((step, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}))
+            saved = [(owner, name, getattr(owner, name)) for owner, name in forbidden]
+            for owner, name in forbidden:
+                setattr(owner, name, refuse(f"{owner.__name__}.{name}"))
+            try:
+                yield from step_fn(batch, step)
+            finally:
+                for owner, name, original in saved:
+                    setattr(owner, name, original)
+        return train_loop(accelerator, step_fn=recorded, **kwargs)
+    return loop
+
+
+@pytest.mark.parametrize("cache", ["false", "true"])
+def test_flips_change_every_epoch_with_workers_and_resume_sees_the_same_batches(assets, tmp_path, monkeypatch, cache):
+    """12 shapes, 4 per batch, 2 persistent workers: 3 steps per epoch, 9 steps = 3 epochs. Captions
+    arrive tokenized (in the workers); with the cache they arrive encoded, so neither the tokenizer
+    nor (with the cache) the text encoder runs in the step."""
+    from modules.text_encoder import CaptionTokenizer
+
+    argv = lambda work: inprocess_argv(assets, work, total_training_iterations=9, per_gpu_batch_size=4,
+                                       gradient_accumulation_steps=1, num_workers=2, cache_latents=cache,
+                                       checkpoint_iterations=100, val_generation_freq=100)
+    forbidden = [(CaptionTokenizer, "__call__")] + ([(TextEncoder, "encode")] if cache == "true" else [])
+    full, part = [], []
+    monkeypatch.setattr(s2, "train_loop", recording_loop(full, forbidden))
+    s2.main(argv(tmp_path / "full"))
+    key = "latent_mean" if cache == "true" else "image"
+    assert [step for step, _ in full] == list(range(9))
+    first = full[0][1]
+    if cache == "true":
+        assert first["text_embeddings"].shape[:2] == first["text_embeddings_mask"].shape
+    else:
+        assert first["image"].dtype == torch.uint8 and first["input_ids"].shape == (4, CLIP_LEN)
+    epochs = [torch.cat([batch[key] for _, batch in full[i:i + 3]]) for i in (0, 3, 6)]
+    for a, b in ((0, 1), (1, 2)):  # frozen flips would serve every sample exactly as before
+        same = sum(any(torch.equal(x, y) for y in epochs[b]) for x in epochs[a])
+        assert same <= 9, f"{same} of 12 samples of epoch {a} reappear unchanged in epoch {b}"
+
+    monkeypatch.setattr(s2, "train_loop", recording_loop(part, forbidden))
+    s2.main(argv(tmp_path / "part") + ["--stop_after_steps", "4"])
+    s2.main(argv(tmp_path / "part") + ["--resume_from_checkpoint", "latest"])
+    assert [step for step, _ in part] == [step for step, _ in full]
+    for (_, a), (_, b) in zip(part, full):  # mid-epoch resume: exactly the same batches
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+def test_cached_captions_train_like_captions_encoded_every_step(assets, tmp_path):
+    """The latent cache keeps the frozen text encoder's states: same losses as encoding per step."""
+    common = dict(total_training_iterations=3, checkpoint_iterations=100, val_generation_freq=100)
+    on_the_fly = s2.main(inprocess_argv(assets, tmp_path / "a", **common))
+    cached = s2.main(inprocess_argv(assets, tmp_path / "b", cache_latents="true", **common))
+    loss = lambda r: [json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert loss(cached) == pytest.approx(loss(on_the_fly), rel=1e-4)
+
+
+def test_trained_text_encoder_is_exported_as_its_ema_with_the_ema_unet(assets, tmp_path):
+    result = s2.main(inprocess_argv(assets, tmp_path, total_training_iterations=3, gradient_accumulation_steps=1,
+                                    train_text_encoder="true", checkpoint_iterations=100, ema_decay=0.5))
+    exported = load_file(str(result.export_path))
+    averaged = result.text_encoder_ema.model.model.state_dict()
+    live = getattr(result.text_encoder, "module", result.text_encoder).model.state_dict()
+    assert all(torch.equal(exported[f"text_encoder.{k}"], v.float().cpu()) for k, v in averaged.items())
+    assert any(not torch.equal(exported[f"text_encoder.{k}"], v.float().cpu()) for k, v in live.items())
+    assert all(torch.equal(exported[f"unet.{k}"], v.float().cpu()) for k, v in result.ema.model.state_dict().items())
+    assert load_ldm_export(result.export_path).metadata["ema"] is True

@@ -1,13 +1,16 @@
-"""The text encoder: a tiny CLIP built offline, loaded like the real one, frozen or trainable."""
+"""The text encoder: a tiny CLIP built offline, loaded like the real one, frozen or trainable;
+its caption tokenizer (one tokenizer call per batch, picklable for DataLoader workers)."""
 import hashlib
+import pickle
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, CLIPTokenizer
 
 from modules.clip_vocab import bytes_to_unicode, clip_words, learn_bpe
 from modules.errors import UserError
-from modules.text_encoder import TextEncoder, build_tiny_clip
+from modules.text_encoder import CaptionTokenizer, TextEncoder, TokenizedCaptions, build_tiny_clip
 
 CAPTIONS = [
     "a red circle on a blue background",
@@ -110,6 +113,94 @@ def test_tokenize_pads_truncates_and_counts(encoder):
     assert tokens.input_ids[0, 4].item() == tok.eos_token_id
     assert (tokens.input_ids[0, 5:] == tok.pad_token_id).all()
     assert encoder.tokenize(["a red circle"]).num_truncated == 0
+
+
+def two_call_reference(tokenizer, captions, max_length):
+    """The tokenization this replaced: an untruncated call to count, a padded, truncated one for the ids."""
+    full = [len(ids) for ids in tokenizer(captions, truncation=False, verbose=False)["input_ids"]]
+    enc = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"], sum(n > max_length for n in full)
+
+
+@pytest.mark.parametrize("max_length", [77, 16, 5])
+def test_caption_tokenizer_equals_the_two_call_tokenization(encoder, max_length):
+    words = lambda n: " ".join(["red"] * n)  # "red" is one token
+    captions = [
+        "a red circle",  # short
+        "",  # empty: start and end tokens only
+        words(max_length - 2),  # exactly L tokens with start and end
+        words(max_length - 1),  # one too many: truncated
+        words(100),  # long
+        "abab bab aaa: 42 café's",  # several pieces per word
+        words(max_length - 3) + " zebra",  # truncated in the middle of a byte-level word
+    ]
+    tokens = CaptionTokenizer(encoder.tokenizer, max_length)(captions)
+    ids, mask, truncated = two_call_reference(encoder.tokenizer, captions, max_length)
+    assert isinstance(tokens, TokenizedCaptions)
+    assert tokens.input_ids.dtype == ids.dtype == torch.int64 and torch.equal(tokens.input_ids, ids)
+    assert tokens.attention_mask.dtype == mask.dtype and torch.equal(tokens.attention_mask, mask)
+    assert tokens.num_truncated == truncated >= 3
+    assert tokens.input_ids.shape == (len(captions), max_length)
+
+
+def test_caption_tokenizer_calls_the_tokenizer_once_per_batch(encoder):
+    calls = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, *args, **kwargs):
+            calls.append(kwargs)
+            return self.inner(*args, **kwargs)
+
+    tokenizer = CaptionTokenizer(Counting(encoder.tokenizer), encoder.max_length)
+    tokens = tokenizer(["a red circle", " ".join(["red"] * 100), ""])
+    assert len(calls) == 1 and tokens.num_truncated == 1
+    assert calls[0].get("truncation") is False and calls[0].get("padding") is False
+    # TextEncoder.tokenize goes through its caption tokenizer.
+    encoder.caption_tokenizer.tokenizer = Counting(encoder.tokenizer)
+    try:
+        calls.clear()
+        encoder.tokenize(["a red circle", "a blue square"])
+        assert len(calls) == 1
+    finally:
+        encoder.caption_tokenizer.tokenizer = encoder.tokenizer
+    assert tokenizer([]).input_ids.shape == (0, encoder.max_length)
+    with pytest.raises(TypeError, match="list of str"):
+        tokenizer(["a", 3])
+
+
+class _CaptionsOnly(torch.utils.data.Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        return " ".join(["red"] * (index * 20))
+
+
+def test_caption_tokenizer_pickles_and_runs_in_workers(encoder):
+    tokenizer = encoder.caption_tokenizer
+    again = pickle.loads(pickle.dumps(tokenizer))
+    assert again.max_length == tokenizer.max_length and again.fingerprint() == tokenizer.fingerprint()
+    captions = [_CaptionsOnly()[i] for i in range(6)]
+    assert torch.equal(again(captions).input_ids, tokenizer(captions).input_ids)
+    # (tests/test_batching.py runs it in spawned workers, where it is really pickled, through Collate)
+    loader = DataLoader(_CaptionsOnly(), batch_size=3, num_workers=2, collate_fn=tokenizer)
+    batches = list(loader)
+    assert [b.num_truncated for b in batches] == [0, 2]
+    assert torch.equal(torch.cat([b.input_ids for b in batches]), tokenizer(captions).input_ids)
+
+
+def test_caption_tokenizer_fingerprint_follows_vocabulary_and_length(encoder, tmp_path):
+    other = TextEncoder(build_tiny_clip(tmp_path / "other", ["a zebra"], hidden_size=32, layers=1, heads=2))
+    fingerprint = encoder.caption_tokenizer.fingerprint()
+    assert fingerprint == CaptionTokenizer(encoder.tokenizer, 77).fingerprint()
+    assert fingerprint != CaptionTokenizer(encoder.tokenizer, 16).fingerprint()
+    assert fingerprint != other.caption_tokenizer.fingerprint()
 
 
 def test_encode_shapes_mask_and_padding_independence(encoder):

@@ -1,85 +1,163 @@
-"""Shared training plumbing: checkpoints (atomic, rotated, exact resume), export, LR, EMA, metrics."""
+"""Shared training plumbing: the loop (accumulation, skipped steps, epochs reaching workers, exact
+resume), checkpoints (atomic, rotated), export, LR, EMA, metrics (wandb resume)."""
 import json
 
 import pytest
 import torch
 
+from modules.accelerator import build_accelerator, gather_mean, resolve_mixed_precision
+from modules.checkpoints import CheckpointManager
+from modules.data_loading import EpochSampler, EpochSeeded, build_dataloader
 from modules.ema import EMA
 from modules.errors import UserError
-from modules.training import (
-    CheckpointManager,
-    MetricsLogger,
-    TrainerState,
-    build_accelerator,
-    build_adamw,
-    build_dataloader,
-    build_lr_scheduler,
-    export_safetensors,
-    gather_mean,
-    lr_multiplier,
-    read_export,
-    resolve_mixed_precision,
-)
+from modules.export import export_safetensors, read_export
+from modules.loop import Backward, LoopConfig, Update, train_loop
+from modules.metrics import WANDB_ID_FILE, MetricsLogger
+from modules.optim import build_adamw, build_lr_scheduler, lr_multiplier
 
 
-def toy_run(run_dir, total_steps, stop_after=None, resume=None, limit=None):
-    """A miniature trainer with the same structure as the stage scripts."""
-    accelerator = build_accelerator(seed=3)
+class NoisyPairs(torch.utils.data.Dataset):
+    """(x, y) pairs plus a draw from torch's global RNG: the stand-in of a random augmentation."""
+
+    def __init__(self, n=24):
+        generator = torch.Generator().manual_seed(1)
+        self.x, self.y = torch.randn(n, 4, generator=generator), torch.randn(n, 1, generator=generator)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        return {"x": self.x[index] + 0.1 * torch.randn(4), "y": self.y[index], "index": index}
+
+
+def toy_run(run_dir, total_steps, stop_after=None, resume=None, limit=None, accumulation=1, num_workers=0,
+            seen=None, skip_at=(), checkpoint_every=3):
+    """A miniature trainer with the stage scripts' structure, driven by the shared loop.
+
+    seen: a list that receives (step, indices, x) of every micro-batch the step function gets.
+    skip_at: optimizer steps (0-based) at which the optimizer reports an fp16 overflow skip.
+    """
+    accelerator = build_accelerator(seed=3, gradient_accumulation_steps=accumulation)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
+    ema = EMA(model, decay=0.9)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = build_lr_scheduler(optimizer, "cosine", warmup_steps=2, total_steps=total_steps)
-    data = torch.utils.data.TensorDataset(torch.randn(24, 4), torch.randn(24, 1))
-    loader = build_dataloader(data, batch_size=4, shuffle=True, num_workers=0, drop_last=True, seed=3)
-    ema = EMA(model, decay=0.9)
+    loader = build_dataloader(EpochSeeded(NoisyPairs(), seed=3), batch_size=4, shuffle=True,
+                              num_workers=num_workers, drop_last=True, seed=3)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler, ema)
     manager = CheckpointManager(accelerator, run_dir, total_limit=limit)
     if resume is None:
         manager.check_fresh_start()
     state = manager.resume(resume)
-    done_here = 0
-    while state.step < total_steps:
-        loader.set_epoch(state.epoch)
-        from accelerate import skip_first_batches
-        batches = skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        for x, y in batches:
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            scheduler.step()
-            state.step += 1
-            state.batch_in_epoch += 1
-            ema.update(accelerator.unwrap_model(model), state.step)
-            done_here += 1
-            if state.step % 3 == 0 or (stop_after and done_here == stop_after):
-                manager.save(state)
-            if state.step >= total_steps or (stop_after and done_here == stop_after):
-                break
-        else:
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            continue
-        break
-    return accelerator.unwrap_model(model), ema, state, manager
+    metrics = MetricsLogger(accelerator, run_dir)
+    metrics.truncate_after(state.step)
+    update = Update("", optimizer, list(model.parameters()), scheduler, max_grad_norm=1.0,
+                    emas=[(ema, accelerator.unwrap_model(model))])
+    if skip_at:
+        real_step = optimizer.step
+
+        def step(*args, **kwargs):  # what AcceleratedOptimizer does on an fp16 overflow: no update
+            if accelerator.sync_gradients and state.step in skip_at:
+                optimizer._is_overflow = True
+                return None
+            optimizer._is_overflow = False
+            return real_step(*args, **kwargs)
+
+        optimizer.step = step
+
+    def step_fn(batch, step):
+        if seen is not None:
+            seen.append((step, batch["index"].tolist(), batch["x"].clone()))
+        loss = torch.nn.functional.mse_loss(model(batch["x"]), batch["y"])
+        yield Backward(update, loss, {"loss": loss.detach()})
+
+    config = LoopConfig(total_steps=total_steps, logging_steps=2, checkpoint_every=checkpoint_every,
+                        images_per_step=4 * accumulation, stop_after_steps=stop_after)
+    train_loop(accelerator, loader=loader, models=[model], step_fn=step_fn, state=state, config=config,
+               checkpoints=manager, metrics_log=metrics)
+    return accelerator.unwrap_model(model), ema, state, manager, scheduler
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    full, full_ema, _, _ = toy_run(tmp_path / "a", total_steps=14)
-    toy_run(tmp_path / "b", total_steps=14, stop_after=8)
-    resumed, resumed_ema, state, _ = toy_run(tmp_path / "b", total_steps=14, resume="latest")
-    assert state.step == 14
+@pytest.mark.parametrize("accumulation,num_workers", [(1, 0), (2, 2)])
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, accumulation, num_workers):
+    """Stopped after 4 steps (mid-epoch) and resumed: the same batches, weights, EMA and LR."""
+    seen_full, seen_parts = [], []
+    full, full_ema, _, _, full_sched = toy_run(tmp_path / "a", 14, accumulation=accumulation,
+                                               num_workers=num_workers, seen=seen_full)
+    toy_run(tmp_path / "b", 14, stop_after=4, accumulation=accumulation, num_workers=num_workers, seen=seen_parts)
+    resumed, resumed_ema, state, _, sched = toy_run(tmp_path / "b", 14, resume="latest", accumulation=accumulation,
+                                                    num_workers=num_workers, seen=seen_parts)
+    assert state.step == 14 and sched.last_epoch == full_sched.last_epoch == 14
+    assert [(s, i) for s, i, _ in seen_parts] == [(s, i) for s, i, _ in seen_full]
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(seen_parts, seen_full))
     for p, q in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
     for p, q in zip(full_ema.model.parameters(), resumed_ema.model.parameters()):
         assert torch.equal(p, q)
+    logged = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [2, 4, 6, 8, 10, 12, 14]  # the stop at 4 is logged once, the last step always
+
+
+def test_epoch_and_augmentation_reach_persistent_workers(tmp_path):
+    """With 2 persistent workers, every epoch has its own order and its own random draws, and each
+    epoch serves every sample once (6 batches of 4 = the 24 samples)."""
+    seen = []
+    toy_run(tmp_path, total_steps=18, num_workers=2, seen=seen, checkpoint_every=100)
+    epochs = [seen[i:i + 6] for i in range(0, 18, 6)]
+    for epoch in epochs:
+        assert sorted(i for _, indices, _ in epoch for i in indices) == list(range(24))
+    x_by_index = [{i: x[k] for _, indices, x in epoch for k, i in enumerate(indices)} for epoch in epochs]
+    for index in range(24):  # the same sample, augmented differently in each epoch
+        assert not torch.equal(x_by_index[0][index], x_by_index[1][index])
+        assert not torch.equal(x_by_index[1][index], x_by_index[2][index])
+    orders = [[i for _, indices, _ in epoch for i in indices] for epoch in epochs]
+    assert orders[0] != orders[1] != orders[2]
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch():
+    sampler = EpochSampler(10, seed=5)
+    sampler.set_epoch(2)
+    first = list(sampler)
+    assert all(epoch == 2 for epoch, _ in first) and sorted(i for _, i in first) == list(range(10))
+    assert list(sampler) == first
+    sampler.set_epoch(3)
+    assert [i for _, i in sampler] != [i for _, i in first]
+    with pytest.raises(TypeError, match="does not take"):
+        build_dataloader(NoisyPairs(), 4, shuffle=True, num_workers=0, drop_last=True, seed=0)
+
+
+def test_skipped_steps_leave_schedule_and_ema_alone(tmp_path):
+    """fp16 overflow steps (the optimizer skipped the update) advance neither the LR schedule nor
+    the EMA, and are counted in the logs."""
+    model, ema, state, _, scheduler = toy_run(tmp_path / "skip", 6, skip_at=(1, 2), checkpoint_every=100)
+    assert state.step == 6 and state.skipped_steps == 2
+    assert scheduler.last_epoch == 4  # 6 steps, 2 of them skipped
+    assert ema.num_updates == 4
+    records = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [1, 2, 2]
+    _, plain_ema, plain_state, _, plain_scheduler = toy_run(tmp_path / "plain", 6, checkpoint_every=100)
+    assert plain_scheduler.last_epoch == 6 and plain_ema.num_updates == 6 and plain_state.skipped_steps == 0
+
+
+def test_wandb_run_is_resumed_with_the_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ids = []
+    for _ in range(2):
+        accelerator = build_accelerator(seed=0, log_wandb=True, project_dir=tmp_path)
+        metrics = MetricsLogger(accelerator, tmp_path, use_wandb=True, project_name="test")
+        ids.append(accelerator.get_tracker("wandb", unwrap=True).id)
+        metrics.log({"loss": 1.0}, step=len(ids))
+        metrics.finish()
+    assert ids[0] == ids[1] == (tmp_path / WANDB_ID_FILE).read_text().strip()
 
 
 def test_checkpoints_rotate_and_refuse_to_overwrite(tmp_path):
-    _, _, _, manager = toy_run(tmp_path, total_steps=10, limit=2)
-    assert [step for step, _ in manager.checkpoints()] == [6, 9]
-    names = sorted(p.name for p in (tmp_path).iterdir())
-    assert names == ["checkpoint_6", "checkpoint_9"]
+    _, _, _, manager, _ = toy_run(tmp_path, total_steps=10, limit=2)
+    assert [step for step, _ in manager.checkpoints()] == [9, 10]
+    names = sorted(p.name for p in (tmp_path).iterdir() if p.name.startswith("checkpoint"))
+    assert names == ["checkpoint_10", "checkpoint_9"]
     state = json.loads((tmp_path / "checkpoint_9" / "trainer_state.json").read_text())
     assert state["step"] == 9
     with pytest.raises(UserError, match="already holds 2 checkpoint"):
@@ -173,10 +251,12 @@ def test_ema_follows_its_formula():
     assert no_warmup.current_decay() == 0.5
 
 
-def test_mixed_precision_on_cpu_uses_bf16():
+def test_mixed_precision_auto_is_float32_on_cpu_and_fp16_becomes_bf16():
     assert resolve_mixed_precision("no", cpu=True) == "no"
+    assert resolve_mixed_precision(False, cpu=True) == "no"
     assert resolve_mixed_precision("fp16", cpu=True) == "bf16"
-    assert resolve_mixed_precision("auto", cpu=True) == "bf16"
+    assert resolve_mixed_precision("bf16", cpu=True) == "bf16"
+    assert resolve_mixed_precision("auto", cpu=True) == "no"
     with pytest.raises(UserError, match="mixed_precision must be one of"):
         resolve_mixed_precision("fp8x", cpu=True)
 

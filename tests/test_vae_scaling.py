@@ -16,10 +16,10 @@ from conftest import OFFLINE_ENV, REPO_ROOT
 from modules.autoencoder import AutoencoderKL, VAEConfig, VQModel, build_autoencoder, export_diffusers_vae
 from modules.cli import run_main
 from modules.errors import UserError
-from modules.image_datasets import build_dataset
+from modules.image_datasets import build_dataset, images_to_model
 from modules.model_config import load_ldm_config
 from modules.shapes import write_shapes_folder
-from modules.training import read_export_metadata
+from modules.export import read_export_metadata
 from modules.vae_io import load_vae, save_vae_export, set_export_metadata
 
 import compute_vae_scaling as scaling
@@ -64,8 +64,9 @@ def assets(tmp_path_factory):
 
 
 def all_images(root):
+    """Every image of the test folder as the VAE sees it: (N, 3, 32, 32) float32 in [-1, 1]."""
     dataset = build_dataset("celebahq", root / "data", 32)
-    return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    return images_to_model(torch.stack([dataset[i]["image"] for i in range(len(dataset))]), "cpu")
 
 
 def script(args, processes=1):

@@ -1,0 +1,252 @@
+"""The one training loop of the three trainers.
+
+A trainer builds its models, optimizers and data, then hands the loop a *step function*:
+``step_fn(batch, step)`` computes the losses of one micro-batch and yields a :class:`Backward`
+per loss, naming the :class:`Update` (optimizer) it trains. The loop owns everything the trainers
+share, written once:
+
+- gradient accumulation (``accelerator.accumulate``), backward, per-optimizer gradient clipping,
+  optimizer step and zeroing;
+- after each optimizer step: the LR schedules and EMAs advance, unless the optimizer skipped the
+  step (fp16 loss scaling found inf/NaN gradients: the weights did not change, so neither do the
+  schedule and the average); skipped steps are counted (``skipped_steps`` in the logs);
+- logging every ``logging_steps`` and at the last step: the means of the step function's detached
+  logs over the window, gathered over processes in one host sync, plus the LR each optimizer used,
+  gradient norms, images/s, epoch;
+- validation / sample grids every ``validate_every`` steps and at the last step;
+- checkpoints every ``checkpoint_every`` steps, at the last step and at ``--stop_after_steps``;
+- the data position (epoch, micro-batches consumed) for an exact resume mid-epoch;
+- at the end: ``export()`` (all processes call it; it writes on the main process), the loss plot,
+  the tracker's end.
+
+The epoch reaches DataLoader workers through the sampler's ``(epoch, index)`` keys
+(``modules/data_loading.py``); the loop only calls ``loader.set_epoch``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from modules.accelerator import gather_mean
+from modules.checkpoints import CheckpointManager, TrainerState
+from modules.ema import EMA
+from modules.metrics import MetricsLogger, progress_bar
+
+logger = logging.getLogger("ldm")
+
+LogValue = Union[torch.Tensor, float]
+
+
+@dataclass(eq=False)
+class Update:
+    """One optimizer of a trainer and what follows each of its steps.
+
+    name: prefix of its logs ("" gives ``lr``/``grad_norm``; "disc" gives ``disc_lr``/``disc_grad_norm``).
+    optimizer: the prepared optimizer. parameters: what it trains (clipped together).
+    scheduler: its LR schedule (stepped after each step it really took), or None.
+    max_grad_norm: clip the gradient norm of ``parameters`` to this; None: no clipping.
+    emas: (EMA, live unwrapped module) pairs folded in after each step it really took.
+    after_step: called after each step it took (e.g. stage 0 keeps its head weights >= 0).
+    """
+
+    name: str
+    optimizer: Any
+    parameters: Sequence[torch.nn.Parameter]
+    scheduler: Optional[Any] = None
+    max_grad_norm: Optional[float] = None
+    emas: Sequence[Tuple[EMA, torch.nn.Module]] = ()
+    after_step: Optional[Callable[[], None]] = None
+
+    def key(self, what: str) -> str:
+        return f"{self.name}_{what}" if self.name else what
+
+
+@dataclass
+class Backward:
+    """What a step function yields: a loss to backpropagate into ``update``'s parameters, and its
+    logs (detached scalars, ideally tensors: nothing is read back to the host before logging)."""
+
+    update: Update
+    loss: torch.Tensor
+    logs: Mapping[str, LogValue] = field(default_factory=dict)
+
+
+StepFn = Callable[[Any, int], Iterable[Backward]]
+
+
+@dataclass
+class LoopConfig:
+    """Cadences and sizes of a run (all counted in optimizer steps).
+
+    images_per_step: images (or triplets) per optimizer step over all processes and micro-batches,
+    for the images/s figure. stop_after_steps: checkpoint and stop after this many steps of this
+    invocation (``--stop_after_steps``). validate_every: None for no periodic validation.
+    """
+
+    total_steps: int
+    logging_steps: int
+    checkpoint_every: int
+    images_per_step: int
+    validate_every: Optional[int] = None
+    stop_after_steps: Optional[int] = None
+    desc: str = "train"
+    plot_keys: Sequence[str] = ("loss", "lr")
+
+
+class _Window:
+    """The logs since the last logging step, kept as device tensors (or floats) until then."""
+
+    def __init__(self) -> None:
+        self.values: Dict[str, List[LogValue]] = {}
+
+    def add(self, logs: Mapping[str, LogValue]) -> None:
+        for key, value in logs.items():
+            self.values.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else value)
+
+    def means(self) -> Dict[str, torch.Tensor]:
+        out = {}
+        for key, values in self.values.items():
+            tensors = [torch.as_tensor(v, dtype=torch.float32).to(_device_of(values)).reshape(()) for v in values]
+            out[key] = torch.stack(tensors).float().mean()
+        return out
+
+
+def _device_of(values: Sequence[LogValue]) -> torch.device:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+def clip_gradients(accelerator, update: Update) -> torch.Tensor:
+    """Clip ``update``'s gradient norm; returns the norm before clipping (a device tensor).
+
+    Unscales only this optimizer's fp16 gradients: ``accelerator.clip_grad_norm_`` unscales every
+    prepared optimizer, which breaks a trainer with two (the second unscale of one step raises).
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return accelerator.clip_grad_norm_(update.parameters, update.max_grad_norm)
+    accelerator.unscale_gradients(optimizer=update.optimizer)
+    return torch.nn.utils.clip_grad_norm_(update.parameters, update.max_grad_norm)
+
+
+def step_was_skipped(optimizer: Any) -> bool:
+    """Whether the last ``optimizer.step()`` left the weights alone (fp16 overflow under loss scaling)."""
+    return bool(getattr(optimizer, "step_was_skipped", False))
+
+
+def train_loop(
+    accelerator,
+    *,
+    loader,
+    models: Sequence[torch.nn.Module],
+    step_fn: StepFn,
+    state: TrainerState,
+    config: LoopConfig,
+    checkpoints: CheckpointManager,
+    metrics_log: MetricsLogger,
+    validate: Optional[Callable[[int], None]] = None,
+    export: Optional[Callable[[TrainerState], None]] = None,
+) -> bool:
+    """Train from ``state`` (fresh or resumed) to ``config.total_steps``; returns True when finished
+    (and exported), False when stopped early by ``stop_after_steps`` (a checkpoint was written).
+
+    models: the prepared modules being trained (put in train mode; their gradients are not synced
+    between the micro-batches of an accumulation). validate(step): writes samples / validation
+    metrics, called on every process.
+    """
+    from accelerate import skip_first_batches
+
+    cfg = config
+    window = _Window()
+    bar = progress_bar(accelerator, cfg.total_steps, initial=state.step, desc=cfg.desc)
+    steps_this_run, train_seconds, timed_steps = 0, 0.0, 0
+    stepped: Dict[int, Update] = {}  # optimizers stepped in the current accumulation window, by id
+    lrs: Dict[str, float] = {}
+    finished = state.step >= cfg.total_steps
+    stopping = False
+    for model in models:
+        model.train()
+    tick = time.perf_counter()
+    try:
+        while not (finished or stopping):
+            loader.set_epoch(state.epoch)  # reaches the EpochSampler: order and augmentation of this epoch
+            batches = skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+            for batch in batches:
+                state.batch_in_epoch += 1
+                with accelerator.accumulate(*models):
+                    for item in step_fn(batch, state.step):
+                        update = item.update
+                        accelerator.backward(item.loss)
+                        if accelerator.sync_gradients and update.max_grad_norm is not None:
+                            window.add({update.key("grad_norm"): clip_gradients(accelerator, update)})
+                        update.optimizer.step()
+                        update.optimizer.zero_grad(set_to_none=True)
+                        stepped[id(update)] = update
+                        window.add(item.logs)
+                if not accelerator.sync_gradients:
+                    continue
+
+                # -- one optimizer step done ------------------------------------------------
+                skipped = False
+                for update in stepped.values():
+                    if update.scheduler is not None:
+                        lrs[update.key("lr")] = update.scheduler.get_last_lr()[0]  # the LR this step used
+                    if step_was_skipped(update.optimizer):
+                        skipped = True
+                        continue
+                    if update.scheduler is not None:
+                        update.scheduler.step()
+                    if update.after_step is not None:
+                        update.after_step()
+                    for ema, module in update.emas:
+                        ema.update(module, state.step + 1)
+                stepped.clear()
+                state.step += 1
+                state.skipped_steps += int(skipped)
+                steps_this_run += 1
+                now = time.perf_counter()
+                train_seconds, timed_steps = train_seconds + (now - tick), timed_steps + 1
+                bar.update(1)
+                finished = state.step >= cfg.total_steps
+                stopping = cfg.stop_after_steps is not None and steps_this_run >= cfg.stop_after_steps and not finished
+
+                if state.step % cfg.logging_steps == 0 or finished or stopping:
+                    means = gather_mean(accelerator, window.means())
+                    means.update(lrs)
+                    means["epoch"] = state.epoch
+                    means["skipped_steps"] = state.skipped_steps
+                    means["images_per_second"] = cfg.images_per_step * timed_steps / max(train_seconds, 1e-9)
+                    metrics_log.log(means, state.step)
+                    shown = {k: f"{means[k]:.4f}" for k in ("loss", "total", "rec") if k in means}
+                    bar.set_postfix(**shown, epoch=state.epoch)
+                    window, train_seconds, timed_steps = _Window(), 0.0, 0
+                if validate is not None and (finished or (cfg.validate_every and state.step % cfg.validate_every == 0)):
+                    validate(state.step)
+                if state.step % cfg.checkpoint_every == 0 or finished or stopping:
+                    checkpoints.save(state)
+                tick = time.perf_counter()  # checkpoints and validation are not training time
+                if finished or stopping:
+                    break
+            else:  # the epoch's batches are exhausted
+                state.epoch += 1
+                state.batch_in_epoch = 0
+    finally:
+        bar.close()  # also on errors, so that an error message starts on a line of its own
+
+    if stopping:
+        logger.info("stopped at step %d of %d (--stop_after_steps %d); continue with --resume_from_checkpoint latest",
+                    state.step, cfg.total_steps, cfg.stop_after_steps)
+    elif export is not None:
+        export(state)
+    if accelerator.is_main_process:
+        metrics_log.plot(cfg.plot_keys)
+    metrics_log.finish()
+    accelerator.wait_for_everyone()
+    return not stopping
