@@ -59,7 +59,7 @@ import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -76,7 +76,7 @@ from modules.errors import UserError
 from modules.export import describe_run
 from modules.image_datasets import build_dataset, dataset_conditioning, images_to_model, split_holdout
 from modules.image_metrics import psnr, ssim
-from modules.loop import Backward, LoopConfig, Update, train_loop
+from modules.loop import Backward, LoopConfig, Update, check_loop_keys, train_loop
 from modules.metrics import MetricsLogger
 from modules.model_config import LDMConfig, ldm_config_from_dict, split_overrides
 from modules.optim import build_adamw, build_lr_scheduler
@@ -156,7 +156,8 @@ class Stage1TrainingArgs(VAELossConfig):
     lpips_backbone: Literal["vgg", "alex", "squeeze"] = "vgg"
     use_ema: bool = False
     ema_decay: float = 0.9999
-    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "auto"
+    # YAML 1.1 reads a bare `no` as false: false means "no", true means "auto".
+    mixed_precision: Union[Literal["no", "fp16", "bf16", "auto"], bool] = "auto"
     log_wandb: bool = False
     num_workers: int = 4
     crop: Literal["center", "random_resized"] = "center"
@@ -168,23 +169,14 @@ class Stage1TrainingArgs(VAELossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive = ("total_training_iterations", "per_gpu_batch_size", "gradient_accumulation_steps",
-                    "checkpoint_iterations", "val_generation_freq", "logging_steps", "shapes_num_images")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr_warmup_steps", "disc_lr_warmup_steps", "num_val_images", "num_workers"):
+        check_loop_keys(self)
+        if self.shapes_num_images < 1:
+            raise UserError(f"shapes_num_images must be >= 1, got {self.shapes_num_images}")
+        for name in ("disc_lr_warmup_steps", "num_val_images"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("learning_rate", "disc_learning_rate"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise UserError(f"max_grad_norm must be > 0 or null (no clipping), got {self.max_grad_norm}")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise UserError(f"checkpoints_total_limit must be >= 1 or null (keep all), got {self.checkpoints_total_limit}")
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise UserError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if not self.disc_learning_rate > 0:
+            raise UserError(f"disc_learning_rate must be > 0, got {self.disc_learning_rate}")
         if not (0.0 <= self.optimizer_beta1 < 1.0 and 0.0 <= self.optimizer_beta2 < 1.0):
             raise UserError(f"optimizer betas must be in [0, 1), got {self.optimizer_beta1}, {self.optimizer_beta2}")
         if self.optimizer_weight_decay < 0:

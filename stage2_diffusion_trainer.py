@@ -69,7 +69,7 @@ from modules.latent_cache import (
     vae_moments,
 )
 from modules.ldm_io import LatentDiffusion, save_ldm_export, text_encoder_export
-from modules.loop import Backward, LoopConfig, Update, train_loop
+from modules.loop import Backward, LoopConfig, Update, check_loop_keys, train_loop
 from modules.metrics import MetricsLogger
 from modules.model_config import load_ldm_config, scale_factor_for, split_overrides
 from modules.optim import build_adamw, build_lr_scheduler
@@ -138,33 +138,21 @@ class Stage2TrainingArgs:
     sample_seed: int = 0
 
     def __post_init__(self) -> None:
-        positive = ("total_training_iterations", "per_gpu_batch_size", "gradient_accumulation_steps",
-                    "checkpoint_iterations", "logging_steps", "val_generation_freq", "num_samples_per_condition",
-                    "num_unconditional_samples", "num_inference_steps", "ema_update_every", "shapes_num_images")
-        for key in positive:
+        check_loop_keys(self)
+        for key in ("num_samples_per_condition", "num_unconditional_samples", "num_inference_steps", "ema_update_every",
+                    "shapes_num_images"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("lr_warmup_steps", "num_workers", "ema_update_after_step"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.ema_update_after_step < 0:
+            raise ValueError(f"ema_update_after_step must be >= 0, got {self.ema_update_after_step}")
         if not 0.0 <= self.cfg_dropout_prob <= 1.0:
             raise ValueError(f"cfg_dropout_prob must be in [0, 1], got {self.cfg_dropout_prob}")
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or null (no clipping), got {self.max_grad_norm}")
         if self.offset_noise < 0 or self.ddim_eta < 0 or self.huber_c <= 0:
             raise ValueError("offset_noise and ddim_eta must be >= 0 and huber_c > 0")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0 or null, got {self.snr_gamma}")
         if self.img_size is not None and self.img_size < 1:
             raise ValueError(f"img_size must be >= 1 or null, got {self.img_size}")
-        if isinstance(self.mixed_precision, bool):
-            self.mixed_precision = "auto" if self.mixed_precision else "no"
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise ValueError(f"checkpoints_total_limit must be >= 1 or null, got {self.checkpoints_total_limit}")
 
 
 @dataclass

@@ -97,6 +97,32 @@ class LoopConfig:
     plot_keys: Sequence[str] = ("loss", "lr")
 
 
+# training_args keys that every YAML-configured trainer has, with one meaning (README: "one loop").
+LOOP_KEYS_AT_LEAST_ONE = ("total_training_iterations", "per_gpu_batch_size", "gradient_accumulation_steps",
+                          "checkpoint_iterations", "logging_steps", "val_generation_freq")
+
+
+def check_loop_keys(args: Any) -> None:
+    """Validate the shared keys of a trainer's ``training_args`` (raises ValueError naming the key);
+    also turns YAML's bare ``no``/``yes`` (read as booleans) into mixed_precision ``no``/``auto``."""
+    for key in LOOP_KEYS_AT_LEAST_ONE:
+        if getattr(args, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(args, key)}")
+    for key in ("lr_warmup_steps", "num_workers"):
+        if getattr(args, key) < 0:
+            raise ValueError(f"{key} must be >= 0, got {getattr(args, key)}")
+    if not args.learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {args.learning_rate}")
+    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or null (no clipping), got {args.max_grad_norm}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(f"checkpoints_total_limit must be >= 1 or null (keep all), got {args.checkpoints_total_limit}")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1], got {args.ema_decay}")
+    if isinstance(args.mixed_precision, bool):
+        args.mixed_precision = "auto" if args.mixed_precision else "no"
+
+
 class _Window:
     """The logs since the last logging step, kept as device tensors (or floats) until then."""
 
