@@ -148,16 +148,17 @@ def our_step(side: Dict, x: torch.Tensor, noise_seed: int, args, device) -> Tupl
 
 
 def reference_step(side: Dict, x: torch.Tensor, noise_seed: int, args, device) -> Tuple[float, float]:
-    """The taming-transformers LPIPSWithDiscriminator step on diffusers + lpips, written out."""
+    """LDM's LPIPSWithDiscriminator step (logvar 0, as LDM never trains it) on diffusers + lpips, written out."""
     vae, metric, disc = side["vae"], side["lpips"], side["disc"]
     torch.manual_seed(noise_seed)
     disc.requires_grad_(False)  # Lightning's toggle_optimizer: only the VAE's parameters train here
     with autocast(args, device):
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        rec = (x - recon).abs().mean()
-        nll = rec + LOSS.lpips_weight * metric(x, recon).mean()
-        kl = posterior.kl().mean()
+        # LDM's reduction: |x - x_hat| + w * LPIPS (broadcast) at every pixel, summed per sample, batch mean
+        per_pixel = (x - recon).abs() + LOSS.lpips_weight * metric(x, recon).reshape(-1, 1, 1, 1)
+        nll = per_pixel.sum() / x.shape[0]
+        kl = posterior.kl().mean()  # (B,) sums over latent elements -> batch mean
         g_loss = -disc(recon).mean()
     last = vae.decoder.conv_out.weight
     nll_grad = torch.autograd.grad(nll, last, retain_graph=True)[0]

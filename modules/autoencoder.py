@@ -318,8 +318,11 @@ class DiagonalGaussian:
 
         KL(N(m, s^2) || N(0, 1)) = 0.5 * (m^2 + s^2 - 1 - log s^2) per element (Kingma & Welling, App. B).
         """
+        # Summed in float32 even under autocast: a sum over 16k latent elements overflows fp16 and
+        # loses digits in bf16.
         if other is None:
-            return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+            mean, logvar = self.mean.float(), self.logvar.float()
+            return 0.5 * torch.sum(mean.pow(2) + logvar.exp() - 1.0 - logvar, dim=[1, 2, 3])
         return 0.5 * torch.sum(
             (self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar,
             dim=[1, 2, 3],

@@ -3,30 +3,50 @@
 Following taming-transformers (Esser et al., 2021, Eq. 7) and latent diffusion (Rombach et al.,
 2022, App. G), the autoencoder (the "generator") minimises
 
-    L_G = L_rec + w_lpips * LPIPS(x, x_hat) + w_kl * KL  (or + w_codebook * L_vq)
+    L_G = L_nll + w_kl * KL  (or + w_codebook * L_vq)
           + [step >= disc_start] * disc_weight * lambda * L_gan(D(x_hat))
 
+    L_nll  = reduce( |x - x_hat| + w_lpips * LPIPS(x, x_hat) )      (per pixel, LPIPS broadcast)
     lambda = clamp(||grad_{W_last} L_nll|| / (||grad_{W_last} L_gan|| + eps), 0, max).detach()
 
-where L_nll = L_rec + w_lpips * LPIPS is the part lambda balances against, and W_last is the
-weight of the decoder's last layer: lambda scales the GAN gradient to the size of the
-reconstruction gradient where they meet. The PatchGAN discriminator D minimises (Lim & Ye 2017 /
-Goodfellow et al. 2014)
+where W_last is the weight of the decoder's last layer: lambda scales the GAN gradient to the size
+of the reconstruction gradient where they meet. The PatchGAN discriminator D minimises (Lim & Ye
+2017 / Goodfellow et al. 2014)
 
     hinge:   0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat)))
     vanilla: 0.5 * (mean softplus(-D(x)) + mean softplus(D(x_hat)))
 
-Conventions (named here because papers and repositories differ):
-- ``rec`` is the per-element mean of |x - x_hat| ("l1") or (x - x_hat)^2 ("l2").
-- ``lpips`` is the batch mean of the perceptual distance (inputs in [-1, 1]).
-- ``kl`` is KL(q(z|x) || N(0, I)) summed over all latent elements of a sample, then averaged
-  over the batch (the taming/LDM convention, which their ``kl_weight=1e-6`` is tuned for).
-- the generator GAN term is -mean D(x_hat) (hinge) or mean softplus(-D(x_hat)) (vanilla, the
-  non-saturating BCE-with-logits against "real").
+Reductions (``loss_reduction``), the part papers leave out and the weights depend on. LPIPS gives
+one number per image; like the reference code we count it once per pixel (broadcast over C, H, W).
 
-The GAN terms switch on at optimizer step ``disc_start``; before it the discriminator is not
-evaluated at all and :meth:`VAELoss.discriminator_loss` returns ``None`` so the trainer skips the
-discriminator step.
+- ``"ldm"`` (default), exactly the reference implementations, so that their published weights
+  (``kl_weight=1e-6``, ``disc_weight=0.5``, ...) carry over:
+  KL autoencoder, as LDM's ``LPIPSWithDiscriminator``: L_nll is summed over the C*H*W values of
+  each sample and averaged over the batch, i.e. C*H*W * (mean |x - x_hat| + w_lpips * mean LPIPS);
+  the KL is summed over each sample's latent elements and averaged over the batch.
+  VQ autoencoder, as taming's ``VQLPIPSWithDiscriminator``: L_nll is the plain mean over all
+  values (mean |x - x_hat| + w_lpips * mean LPIPS); the codebook loss is the quantizer's mean.
+  In both, lambda is measured on that reduced L_nll, as in the references. LDM also divides the
+  per-pixel loss by exp(logvar) and adds logvar, a scalar "output log-variance" initialised at 0;
+  LDM's autoencoder never gives it to an optimizer, so it stays 0 and is left out here: the two
+  losses are equal, with no constant between them.
+- ``"mean"``: L_nll averaged per value for the KL autoencoder too (this toolkit's loss before it
+  followed LDM, and the tutorial's), the KL still summed per sample. For the same ``kl_weight``
+  the KL then weighs C*H*W times more against the reconstruction than in LDM (196,608x for
+  256x256 RGB images): q(z|x) is pulled to N(0, I), the latents come out with std near 1 (scale
+  factor near 1) and the reconstructions blurrier. The VQ loss is the same under both.
+
+The loss's size follows the reduction (under "ldm" a KL-VAE's nll is C*H*W times the per-value
+mean, 196,608x at 256x256): Adam(W) is invariant to a constant scale of the gradient, so learning
+rates carry over, but gradient-norm clipping is not (a clip threshold sees the summed loss's
+gradient, which is that many times larger).
+
+Other conventions: the generator GAN term is -mean D(x_hat) (hinge) or mean softplus(-D(x_hat))
+(vanilla, the non-saturating BCE-with-logits against "real"). The GAN terms switch on at optimizer
+step ``disc_start``; before it the discriminator is not evaluated at all and
+:meth:`VAELoss.discriminator_loss` returns ``None`` so the trainer skips the discriminator step.
+Logged values are detached 0-dim tensors on the loss's device (no host sync here): the caller
+gathers them when it logs.
 """
 from __future__ import annotations
 
@@ -46,9 +66,16 @@ PerceptualFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class VAELossConfig:
     """Weights and switches of the stage-1 loss (keys of the ``training_args:`` YAML section).
 
-    reconstruction_loss: "l1" (mean |x - x_hat|) or "l2" (mean squared error).
-    lpips_weight:        weight of the mean LPIPS distance.
-    kl_weight:           weight of the KL term (KL autoencoder).
+    reconstruction_loss: "l1" (|x - x_hat|) or "l2" ((x - x_hat)^2) per value, reduced as below.
+    loss_reduction:      "ldm" (default): LDM's reductions for the KL autoencoder (nll and KL summed
+                         per sample, batch mean) and taming's for the VQ one (nll mean), so that
+                         LDM's/taming's published weights mean the same here; "mean": the nll
+                         averaged per value for the KL autoencoder as well, which makes the KL
+                         C*H*W times stronger than LDM's for the same kl_weight (latents near unit
+                         variance, blurrier reconstructions). See the module docstring.
+    lpips_weight:        weight of LPIPS, added to every pixel's reconstruction loss (LDM's
+                         perceptual_weight).
+    kl_weight:           weight of the KL term summed per sample (KL autoencoder).
     codebook_weight:     weight of the quantizer's loss (VQ autoencoder).
     disc_start:          optimizer step from which the GAN terms are on (step >= disc_start).
     disc_weight:         factor on the adaptively weighted generator GAN term; 0 disables the GAN.
@@ -60,6 +87,7 @@ class VAELossConfig:
     """
 
     reconstruction_loss: Literal["l1", "l2"] = "l1"
+    loss_reduction: Literal["ldm", "mean"] = "ldm"
     lpips_weight: float = 1.0
     kl_weight: float = 1e-6
     codebook_weight: float = 1.0
@@ -73,6 +101,8 @@ class VAELossConfig:
     def __post_init__(self) -> None:
         if self.reconstruction_loss not in ("l1", "l2"):
             raise UserError(f"reconstruction_loss must be 'l1' or 'l2', got {self.reconstruction_loss!r}")
+        if self.loss_reduction not in ("ldm", "mean"):
+            raise UserError(f"loss_reduction must be 'ldm' or 'mean', got {self.loss_reduction!r}")
         if self.disc_loss not in ("hinge", "vanilla"):
             raise UserError(f"disc_loss must be 'hinge' or 'vanilla', got {self.disc_loss!r}")
         for name in ("lpips_weight", "kl_weight", "codebook_weight", "disc_weight", "adaptive_weight_max"):
@@ -187,7 +217,7 @@ class VAELoss(nn.Module):
         step: int,
         discriminator: Optional[nn.Module],
         last_layer_weight: Optional[torch.Tensor],
-    ) -> Tuple[torch.Tensor, Dict[str, float]]:
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The autoencoder's loss for one batch.
 
         inputs, recon: (B, C, H, W) images in [-1, 1]; ``recon`` carries the autoencoder's graph.
@@ -200,9 +230,11 @@ class VAELoss(nn.Module):
             the trainer need not zero them before the discriminator step.
         last_layer_weight: the decoder's last layer weight, for the adaptive weight.
 
-        Returns (loss, logs): ``loss`` a scalar with graph; ``logs`` detached floats: rec, lpips
-        (when lpips_weight > 0), kl or codebook, nll, and when the GAN is on g_loss,
-        adaptive_weight (lambda, before disc_weight); always total.
+        Returns (loss, logs): ``loss`` a scalar with graph, reduced as ``loss_reduction`` says;
+        ``logs`` detached 0-dim float32 tensors: rec (mean per value, whatever the reduction),
+        lpips (batch mean, when lpips_weight > 0), nll (as reduced into the loss), kl (summed per
+        sample, batch mean) or codebook, and when the GAN is on g_loss, adaptive_weight (lambda,
+        before disc_weight); always total.
 
         Measuring lambda needs the nll's and the GAN loss's gradients, so when it is measured (GAN
         on, adaptive weight, a graph, not fp16) both are backpropagated here, once each, to
@@ -212,44 +244,48 @@ class VAELoss(nn.Module):
         ``autograd.grad`` calls do.
         """
         cfg = self.config
-        logs: Dict[str, float] = {}
-
-        if cfg.reconstruction_loss == "l1":
-            rec = (inputs - recon).abs().mean()
-        else:
-            rec = (inputs - recon).pow(2).mean()
-        logs["rec"] = rec.item()
-        nll = rec
-        if cfg.lpips_weight > 0:
-            perceptual = self.perceptual(inputs, recon).mean()
-            logs["lpips"] = perceptual.item()
-            nll = nll + cfg.lpips_weight * perceptual
-        logs["nll"] = nll.item()
-
-        if isinstance(posterior_or_vq_loss, torch.Tensor):
-            if posterior_or_vq_loss.dim() != 0:
-                raise ValueError(
-                    "a tensor regularizer must be the VQ quantizer's scalar loss, got shape "
-                    f"{tuple(posterior_or_vq_loss.shape)}; pass the posterior itself for a KL autoencoder"
-                )
-            logs["codebook"] = posterior_or_vq_loss.item()
-            regularizer = cfg.codebook_weight * posterior_or_vq_loss
-        elif callable(getattr(posterior_or_vq_loss, "kl", None)):
-            kl = posterior_or_vq_loss.kl()
-            kl = kl.reshape(kl.shape[0], -1).sum(dim=1).mean()  # sum over latent elements, mean over batch
-            logs["kl"] = kl.item()
-            regularizer = cfg.kl_weight * kl
-        else:
+        is_vq = isinstance(posterior_or_vq_loss, torch.Tensor)
+        if is_vq and posterior_or_vq_loss.dim() != 0:
+            raise ValueError(
+                "a tensor regularizer must be the VQ quantizer's scalar loss, got shape "
+                f"{tuple(posterior_or_vq_loss.shape)}; pass the posterior itself for a KL autoencoder"
+            )
+        if not is_vq and not callable(getattr(posterior_or_vq_loss, "kl", None)):
             raise TypeError(
                 "posterior_or_vq_loss must be a posterior with .kl() or a 0-dim VQ loss tensor, got "
                 f"{type(posterior_or_vq_loss).__name__}"
             )
+        logs: Dict[str, torch.Tensor] = {}
+
+        # Per-value means, in fp32: the "ldm" sum below multiplies them by C*H*W (~2e5), past fp16's range.
+        error = inputs - recon
+        error = error.abs() if cfg.reconstruction_loss == "l1" else error.pow(2)
+        rec = error.mean(dtype=torch.float32)
+        logs["rec"] = rec.detach()
+        nll = rec
+        if cfg.lpips_weight > 0:
+            perceptual = self.perceptual(inputs, recon).mean(dtype=torch.float32)
+            logs["lpips"] = perceptual.detach()
+            nll = nll + cfg.lpips_weight * perceptual
+        if cfg.loss_reduction == "ldm" and not is_vq:
+            # LDM: sum over each sample's C*H*W values (LPIPS broadcast to all of them), batch mean.
+            nll = nll * inputs[0].numel()
+        logs["nll"] = nll.detach()
+
+        if is_vq:
+            logs["codebook"] = posterior_or_vq_loss.detach().float()
+            regularizer = cfg.codebook_weight * posterior_or_vq_loss.float()
+        else:
+            kl = posterior_or_vq_loss.kl().float()
+            kl = kl.reshape(kl.shape[0], -1).sum(dim=1).mean()  # sum over latent elements, mean over batch
+            logs["kl"] = kl.detach()
+            regularizer = cfg.kl_weight * kl
         total = nll + regularizer
 
         if self.gan_active(step):
             if discriminator is None:
                 raise ValueError(f"step {step} >= disc_start {cfg.disc_start} but no discriminator was given")
-            g_loss = self._gan_generator_loss(_frozen_forward(discriminator, recon))
+            g_loss = self._gan_generator_loss(_frozen_forward(discriminator, recon)).float()
             measurable = torch.is_grad_enabled() and nll.requires_grad
             if cfg.use_adaptive_weight and measurable and last_layer_weight is None:
                 raise ValueError("use_adaptive_weight needs the decoder's last_layer_weight")
@@ -278,10 +314,10 @@ class VAELoss(nn.Module):
                     # taming the GAN term is then left out of the total but still logged.
                     adaptive = torch.zeros((), device=g_loss.device, dtype=g_loss.dtype)
                 total = total + cfg.disc_weight * adaptive * g_loss
-            logs["g_loss"] = g_loss.item()
-            logs["adaptive_weight"] = adaptive.item()
+            logs["g_loss"] = g_loss.detach()
+            logs["adaptive_weight"] = adaptive.detach()
 
-        logs["total"] = total.item()
+        logs["total"] = total.detach()
         return total, logs
 
     def discriminator_loss(
@@ -290,13 +326,14 @@ class VAELoss(nn.Module):
         recon_detached: torch.Tensor,
         step: int,
         discriminator: nn.Module,
-    ) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+    ) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
         """The discriminator's loss for one batch, or (None, {}) before ``disc_start``.
 
         inputs, recon_detached: (B, C, H, W) real and reconstructed images in [-1, 1]. The
         reconstruction is detached here as well, so this loss never reaches the autoencoder.
         Real and fake go through D in separate calls (separate BatchNorm statistics, as taming).
-        Returns (loss, logs) with logs d_loss, logits_real, logits_fake (mean logits).
+        Returns (loss, logs) with logs d_loss, logits_real, logits_fake (mean logits) as detached
+        0-dim float32 tensors.
         """
         if not self.gan_active(step):
             return None, {}
@@ -307,9 +344,9 @@ class VAELoss(nn.Module):
         else:
             loss = vanilla_d_loss(logits_real, logits_fake)
         logs = {
-            "d_loss": loss.item(),
-            "logits_real": logits_real.detach().mean().item(),
-            "logits_fake": logits_fake.detach().mean().item(),
+            "d_loss": loss.detach().float(),
+            "logits_real": logits_real.detach().mean(dtype=torch.float32),
+            "logits_fake": logits_fake.detach().mean(dtype=torch.float32),
         }
         return loss, logs
 

@@ -84,7 +84,13 @@ def _setup(seed=0, **config):
 
 
 def _manual_nll(x, recon, perceptual, lpips_weight):
-    return (x - recon).abs().mean() + lpips_weight * perceptual(x, recon).mean()
+    # The default loss_reduction "ldm": LDM sums the per-pixel loss (LPIPS broadcast to every
+    # pixel) over each sample's C*H*W values and averages over the batch. (These expectations were
+    # per-value means before the loss followed LDM; test_mean_reduction_... keeps that formula.)
+    nll = (x - recon).abs().sum(dim=(1, 2, 3)).mean()
+    if lpips_weight > 0:
+        nll = nll + lpips_weight * x[0].numel() * perceptual(x, recon).mean()
+    return nll
 
 
 def _manual_kl(posterior):
@@ -113,7 +119,7 @@ def test_lpips_term_reaches_the_autoencoder_gradients():
         expected.backward()
         for p, g in zip(vae.parameters(), grads[lpips_weight]):
             torch.testing.assert_close(g, p.grad)
-        assert logs["total"] == pytest.approx(expected.item(), rel=1e-6)
+        assert logs["total"].item() == pytest.approx(expected.item(), rel=1e-6)
     differs = [not torch.allclose(a, b) for a, b in zip(grads[0.0], grads[1.0])]
     assert all(differs)  # the perceptual gradient changes every layer, encoder included
 
@@ -134,9 +140,9 @@ def test_with_the_project_autoencoder_and_lpips():
     recon, posterior = vae(x, sample_posterior=False)
     total, logs = loss.generator_loss(x, recon, posterior, 0, disc, vae.last_decoder_layer_weight)
     assert not lpips.training
-    assert logs["kl"] == pytest.approx(posterior.kl().mean().item(), rel=1e-6)
-    assert logs["lpips"] == pytest.approx(lpips(x, recon).mean().item(), rel=1e-5)
-    assert logs["adaptive_weight"] > 0
+    assert logs["kl"].item() == pytest.approx(posterior.kl().mean().item(), rel=1e-6)
+    assert logs["lpips"].item() == pytest.approx(lpips(x, recon).mean().item(), rel=1e-5)
+    assert logs["adaptive_weight"].item() > 0
     lpips_grad = torch.autograd.grad(loss.config.lpips_weight * lpips(x, recon).mean(), vae.encoder.conv_in.weight,
                                      retain_graph=True)[0]
     assert lpips_grad.abs().sum() > 0
@@ -159,11 +165,12 @@ def test_gan_term_absent_before_disc_start():
     rec = (x - recon).abs().mean()
     lp = perceptual(x, recon).mean()
     kl = _manual_kl(posterior)
-    torch.testing.assert_close(total, rec + 0.7 * lp + 1e-2 * kl)
+    torch.testing.assert_close(total, _manual_nll(x, recon, perceptual, 0.7) + 1e-2 * kl)
     assert disc.calls == 0
     assert "g_loss" not in logs and "adaptive_weight" not in logs
-    assert logs["rec"] == pytest.approx(rec.item()) and logs["lpips"] == pytest.approx(lp.item())
-    assert logs["kl"] == pytest.approx(kl.item())
+    # rec and lpips are logged as per-value / per-image means whatever the reduction.
+    assert logs["rec"].item() == pytest.approx(rec.item()) and logs["lpips"].item() == pytest.approx(lp.item())
+    assert logs["kl"].item() == pytest.approx(kl.item())
     assert loss.discriminator_loss(x, recon.detach(), step=4, discriminator=disc) == (None, {})
     assert disc.calls == 0
 
@@ -184,8 +191,8 @@ def test_gan_term_with_adaptive_weight_after_disc_start(disc_loss):
     grad_nll = torch.autograd.grad(nll, last, retain_graph=True)[0]
     grad_g = torch.autograd.grad(g, last, retain_graph=True)[0]
     lam = grad_nll.norm() / (grad_g.norm() + 1e-4)
-    assert logs["adaptive_weight"] == pytest.approx(lam.item(), rel=1e-5)
-    assert logs["g_loss"] == pytest.approx(g.item(), rel=1e-6)
+    assert logs["adaptive_weight"].item() == pytest.approx(lam.item(), rel=1e-5)
+    assert logs["g_loss"].item() == pytest.approx(g.item(), rel=1e-6)
     expected = nll + 1e-2 * _manual_kl(posterior) + 0.8 * lam.detach() * g
     torch.testing.assert_close(total, expected)
 
@@ -227,11 +234,13 @@ def test_adaptive_weight_path_runs_lpips_and_discriminator_backward_once(monkeyp
     lam = (torch.autograd.grad(nll, last, retain_graph=True)[0].norm()
            / (torch.autograd.grad(g, last, retain_graph=True)[0].norm() + 1e-4))
     expected = nll + 1e-2 * _manual_kl(posterior) + 0.8 * lam.detach() * g
-    assert logs["adaptive_weight"] == pytest.approx(lam.item(), rel=1e-5)
-    assert logs["total"] == pytest.approx(expected.item(), rel=1e-6)
+    assert logs["adaptive_weight"].item() == pytest.approx(lam.item(), rel=1e-5)
+    assert logs["total"].item() == pytest.approx(expected.item(), rel=1e-6)
     torch.testing.assert_close(total.detach(), expected.detach())
+    # The summed ("ldm") loss has gradients ~C*H*W times the per-value mean's: float32 rounding
+    # differences between the two computation orders grow with them, hence rtol 1e-5.
     for a, b in zip(grads, torch.autograd.grad(expected, list(vae.parameters()))):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_adaptive_weight_off_uses_lambda_one():
@@ -239,9 +248,9 @@ def test_adaptive_weight_off_uses_lambda_one():
                                             use_adaptive_weight=False)
     recon, posterior = vae(x)
     total, logs = loss.generator_loss(x, recon, posterior, step=0, discriminator=disc, last_layer_weight=None)
-    expected = (x - recon).abs().mean() - 0.3 * disc(recon).mean()
+    expected = _manual_nll(x, recon, None, 0.0) - 0.3 * disc(recon).mean()  # "ldm": summed per sample
     torch.testing.assert_close(total, expected)
-    assert logs["adaptive_weight"] == 1.0
+    assert logs["adaptive_weight"].item() == 1.0
 
 
 def test_adaptive_gan_weight_formula():
@@ -273,15 +282,225 @@ def test_l2_reconstruction_and_vq_codebook_term():
         VAELoss(VAELossConfig(lpips_weight=1.0), None)
 
 
-def test_logs_are_python_floats_and_evaluation_without_grad_leaves_gan_out():
+def _no_host_sync(monkeypatch):
+    """Make every tensor -> Python conversion (a device sync on a GPU) raise."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the loss must not move values to the host")
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+def test_logs_are_detached_0dim_tensors_and_the_loss_never_syncs(monkeypatch):
+    # The trainer gathers the logs at its logging step; the loss itself must not call .item()
+    # (a host-device sync per value per step on a GPU).
+    vae, perceptual, disc, x, loss = _setup(disc_start=0, kl_weight=1e-2)
+    recon, posterior = vae(x)
+    with monkeypatch.context() as patch:
+        _no_host_sync(patch)
+        total, logs = loss.generator_loss(x, recon, posterior, step=1, discriminator=disc,
+                                          last_layer_weight=vae.conv_out.weight)
+        d_loss, d_logs = loss.discriminator_loss(x, recon.detach(), step=1, discriminator=disc)
+    assert set(logs) == {"rec", "lpips", "nll", "kl", "g_loss", "adaptive_weight", "total"}
+    assert set(d_logs) == {"d_loss", "logits_real", "logits_fake"}
+    for value in [*logs.values(), *d_logs.values()]:
+        assert isinstance(value, torch.Tensor) and value.dim() == 0
+        assert not value.requires_grad and value.dtype == torch.float32
+    assert logs["total"].item() == total.item() and d_logs["d_loss"].item() == d_loss.item()
+
+
+def test_evaluation_without_grad_leaves_gan_out():
     vae, perceptual, disc, x, loss = _setup(disc_start=0, kl_weight=1e-2)
     with torch.no_grad():
         recon, posterior = vae(x)
         total, logs = loss.generator_loss(x, recon, posterior, step=10, discriminator=disc,
                                           last_layer_weight=vae.conv_out.weight)
-    assert all(type(v) is float for v in logs.values())
-    assert logs["adaptive_weight"] == 0.0 and "g_loss" in logs
-    assert total.item() == pytest.approx(logs["nll"] + 1e-2 * logs["kl"], rel=1e-6)
+    assert logs["adaptive_weight"].item() == 0.0 and "g_loss" in logs
+    assert total.item() == pytest.approx((logs["nll"] + 1e-2 * logs["kl"]).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("reconstruction_loss", ["l1", "l2"])
+def test_mean_reduction_is_the_per_value_average(reconstruction_loss):
+    # loss_reduction "mean" (this toolkit's loss before it followed LDM): reconstruction and LPIPS
+    # averaged per value, the KL still summed per sample. Against "ldm" only the nll shrinks, by
+    # C*H*W (768 here, 196,608 for 256x256 RGB): that much stronger a KL for the same kl_weight.
+    vae, perceptual, _, x, _ = _setup()
+    totals = {}
+    for reduction in ("mean", "ldm"):
+        loss = VAELoss(VAELossConfig(loss_reduction=reduction, reconstruction_loss=reconstruction_loss,
+                                     lpips_weight=0.5, kl_weight=1e-2), perceptual)
+        recon, posterior = vae(x)
+        totals[reduction], logs = loss.generator_loss(x, recon, posterior, step=0, discriminator=None,
+                                                      last_layer_weight=None)
+        error = (x - recon).abs() if reconstruction_loss == "l1" else (x - recon).pow(2)
+        nll = error.mean() + 0.5 * perceptual(x, recon).mean()
+        if reduction == "ldm":
+            nll = nll * x[0].numel()
+        torch.testing.assert_close(totals[reduction], nll + 1e-2 * _manual_kl(posterior))
+        torch.testing.assert_close(logs["nll"], nll.detach())
+        torch.testing.assert_close(logs["rec"], error.mean().detach())  # the same under both
+    kl_part = 1e-2 * _manual_kl(posterior)
+    ratio = (totals["ldm"] - kl_part) / (totals["mean"] - kl_part)
+    assert ratio.item() == pytest.approx(3 * 16 * 16, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The published formulas: LDM's LPIPSWithDiscriminator (KL) and taming's VQLPIPSWithDiscriminator
+# ----------------------------------------------------------------------------------------------
+# Written out here from the reference repositories' loss modules (CompVis/latent-diffusion
+# ldm/modules/losses/contperceptual.py at a506df5, CompVis/taming-transformers
+# taming/modules/losses/vqperceptual.py at 9944179), in their reductions, so that our loss can be
+# checked against them term by term. The only free constant of LDM's formula, its output
+# log-variance (nll = rec / exp(logvar) + logvar), is an nn.Parameter initialised at 0 that LDM's
+# AutoencoderKL.configure_optimizers never gives to an optimizer: it is 0 for the whole run, so the
+# two losses agree with no constant at all.
+
+def _published_adaptive_weight(nll, g_loss, last_layer, disc_weight):
+    """Both repositories: clamp(||dnll/dW|| / (||dg/dW|| + 1e-4), 0, 1e4), detached, times disc_weight."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0.0, 1e4).detach() * disc_weight
+
+
+def ldm_kl_generator_loss(x, recon, posterior, perceptual, disc, last_layer, step, *, kl_weight,
+                          perceptual_weight, disc_weight, disc_start):
+    """LDM's KL-autoencoder generator loss (optimizer_idx 0), hinge generator term.
+
+    Per pixel: |x - x_hat| + perceptual_weight * LPIPS, the LPIPS of shape (B, 1, 1, 1) broadcast to
+    every pixel; nll summed over everything and divided by the batch size; KL summed per sample
+    over the latent elements, then the same; the GAN term weighted by the adaptive weight (measured
+    on that summed nll) times disc_factor (0 before disc_start, 1 from it on).
+    """
+    logvar = torch.zeros(())  # LDM's never-optimised output log-variance
+    p_loss = perceptual(x, recon).reshape(-1, 1, 1, 1)
+    rec_loss = (x - recon).abs() + perceptual_weight * p_loss  # (B, C, H, W)
+    nll_map = rec_loss / torch.exp(logvar) + logvar
+    nll = torch.sum(nll_map) / nll_map.shape[0]
+    kl = posterior.kl().sum(dim=(1, 2, 3))  # LDM's DiagonalGaussianDistribution.kl(): (B,)
+    kl = torch.sum(kl) / kl.shape[0]
+    g_loss = -torch.mean(disc(recon))
+    d_weight = _published_adaptive_weight(nll, g_loss, last_layer, disc_weight)
+    disc_factor = 0.0 if step < disc_start else 1.0
+    return nll + kl_weight * kl + d_weight * disc_factor * g_loss, d_weight
+
+
+def taming_vq_generator_loss(x, recon, codebook_loss, perceptual, disc, last_layer, step, *, codebook_weight,
+                             perceptual_weight, disc_weight, disc_start):
+    """taming's VQ generator loss (optimizer_idx 0): the same per-pixel map, but MEAN-reduced."""
+    p_loss = perceptual(x, recon).reshape(-1, 1, 1, 1)
+    rec_loss = (x - recon).abs() + perceptual_weight * p_loss
+    nll = torch.mean(rec_loss)
+    g_loss = -torch.mean(disc(recon))
+    d_weight = _published_adaptive_weight(nll, g_loss, last_layer, disc_weight)
+    disc_factor = 0.0 if step < disc_start else 1.0
+    return nll + d_weight * disc_factor * g_loss + codebook_weight * codebook_loss.mean(), d_weight
+
+
+class _TinyDecoder(nn.Module):
+    """latents (B, 2, 8, 8) -> images (B, 3, 16, 16); ``conv_out`` is the last layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(2, 8, 3, padding=1)
+        self.conv_out = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, z):
+        return self.conv_out(F.silu(self.conv_in(F.interpolate(z, scale_factor=2.0, mode="nearest"))))
+
+
+def _cosine(a, b):
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def _assert_same_gradient(ours, reference, name):
+    # The direction (cosine ~1) and the length: the relative weights of the terms are LDM's and so
+    # is the overall scale of the loss (what the learning rate and gradient clipping see).
+    assert _cosine(ours, reference) > 1 - 1e-5, name
+    assert ours.norm().item() == pytest.approx(reference.norm().item(), rel=1e-4), name
+
+
+# (kl or codebook weight, perceptual_weight, disc_weight, step, disc_start): LDM's published KL-f8
+# values with the GAN on and off, a strong KL where the KL visibly shapes the posterior's
+# gradient, and the pixel loss alone.
+PUBLISHED_CASES = [
+    (1e-6, 1.0, 0.5, 60000, 50001),
+    (1e-6, 1.0, 0.5, 10, 50001),
+    (1e-2, 0.5, 0.75, 3, 0),
+    (1.0, 0.0, 0.0, 3, 0),
+]
+
+
+@pytest.mark.parametrize("kl_weight, perceptual_weight, disc_weight, step, disc_start", PUBLISHED_CASES)
+def test_kl_loss_matches_ldm_lpips_with_discriminator(kl_weight, perceptual_weight, disc_weight, step, disc_start):
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    mean = torch.randn(3, 2, 8, 8, requires_grad=True)
+    logvar = (torch.randn(3, 2, 8, 8) * 0.5 - 1.0).requires_grad_()
+    eps = torch.randn(3, 2, 8, 8)
+    decoder, perceptual = _TinyDecoder(), TinyPerceptual().eval().requires_grad_(False)
+    disc = NLayerDiscriminator(start_channels=8, depth=2)
+    loss = VAELoss(VAELossConfig(kl_weight=kl_weight, lpips_weight=perceptual_weight, disc_weight=disc_weight,
+                                 disc_start=disc_start), perceptual)
+
+    def forward():  # a posterior sample through the decoder: the posterior gets the nll's gradient too
+        recon = decoder(mean + torch.exp(0.5 * logvar) * eps)
+        return recon, ToyPosterior(mean, logvar)
+
+    recon, posterior = forward()
+    total, logs = loss.generator_loss(x, recon, posterior, step, disc, decoder.conv_out.weight)
+    ours = torch.autograd.grad(total, [recon, mean, logvar])
+
+    recon, posterior = forward()
+    expected, d_weight = ldm_kl_generator_loss(
+        x, recon, posterior, perceptual, disc, decoder.conv_out.weight, step, kl_weight=kl_weight,
+        perceptual_weight=perceptual_weight, disc_weight=disc_weight, disc_start=disc_start)
+    reference = torch.autograd.grad(expected, [recon, mean, logvar])
+
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    for name, a, b in zip(("recon", "posterior mean", "posterior logvar"), ours, reference):
+        _assert_same_gradient(a, b, name)
+    _assert_same_gradient(torch.cat([ours[1].flatten(), ours[2].flatten()]),
+                          torch.cat([reference[1].flatten(), reference[2].flatten()]), "posterior")
+    if step >= disc_start and disc_weight > 0:
+        # LDM's d_weight includes discriminator_weight; our log is lambda before disc_weight.
+        assert (disc_weight * logs["adaptive_weight"]).item() == pytest.approx(d_weight.item(), rel=1e-5)
+    else:
+        assert "adaptive_weight" not in logs
+
+
+@pytest.mark.parametrize("codebook_weight, perceptual_weight, disc_weight, step, disc_start", PUBLISHED_CASES)
+def test_vq_loss_matches_taming_vq_lpips_with_discriminator(codebook_weight, perceptual_weight, disc_weight, step,
+                                                            disc_start):
+    torch.manual_seed(1)
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    z_e = torch.randn(3, 2, 8, 8, requires_grad=True)
+    codebook = torch.randn(16, 2, requires_grad=True)
+    decoder, perceptual = _TinyDecoder(), TinyPerceptual().eval().requires_grad_(False)
+    disc = NLayerDiscriminator(start_channels=8, depth=2)
+    loss = VAELoss(VAELossConfig(codebook_weight=codebook_weight, lpips_weight=perceptual_weight,
+                                 disc_weight=disc_weight, disc_start=disc_start), perceptual)
+
+    def forward():  # nearest code, straight-through estimator, codebook + 0.25 x commitment loss
+        flat = z_e.permute(0, 2, 3, 1).reshape(-1, 2)  # (B*8*8, 2)
+        e = codebook[torch.cdist(flat, codebook).argmin(dim=1)].reshape(3, 8, 8, 2).permute(0, 3, 1, 2)
+        codebook_loss = F.mse_loss(e, z_e.detach()) + 0.25 * F.mse_loss(z_e, e.detach())
+        return decoder(z_e + (e - z_e).detach()), codebook_loss
+
+    recon, codebook_loss = forward()
+    total, logs = loss.generator_loss(x, recon, codebook_loss, step, disc, decoder.conv_out.weight)
+    ours = torch.autograd.grad(total, [recon, z_e, codebook])
+
+    recon, codebook_loss = forward()
+    expected, d_weight = taming_vq_generator_loss(
+        x, recon, codebook_loss, perceptual, disc, decoder.conv_out.weight, step, codebook_weight=codebook_weight,
+        perceptual_weight=perceptual_weight, disc_weight=disc_weight, disc_start=disc_start)
+    reference = torch.autograd.grad(expected, [recon, z_e, codebook])
+
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    for name, a, b in zip(("recon", "encoder output", "codebook"), ours, reference):
+        _assert_same_gradient(a, b, name)
+    if step >= disc_start and disc_weight > 0:
+        assert (disc_weight * logs["adaptive_weight"]).item() == pytest.approx(d_weight.item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,9 +525,9 @@ def test_discriminator_loss_formulas(disc_loss):
             + F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf))
         )
     torch.testing.assert_close(d_loss, expected)
-    assert logs["logits_real"] == pytest.approx(lr.mean().item(), rel=1e-6, abs=1e-7)
-    assert logs["logits_fake"] == pytest.approx(lf.mean().item(), rel=1e-6, abs=1e-7)
-    assert logs["d_loss"] == pytest.approx(expected.item(), rel=1e-6)
+    assert logs["logits_real"].item() == pytest.approx(lr.mean().item(), rel=1e-6, abs=1e-7)
+    assert logs["logits_fake"].item() == pytest.approx(lf.mean().item(), rel=1e-6, abs=1e-7)
+    assert logs["d_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_generator_and_discriminator_steps_do_not_leak_gradients():
@@ -372,6 +591,7 @@ def test_generator_loss_through_ddp_wrapped_discriminator(tmp_path, ddp_kwargs):
         ("adaptive_weight_eps", 0.0, "adaptive_weight_eps must be > 0, got 0.0"),
         ("disc_loss", "wgan", "disc_loss must be 'hinge' or 'vanilla', got 'wgan'"),
         ("reconstruction_loss", "l3", "reconstruction_loss must be 'l1' or 'l2', got 'l3'"),
+        ("loss_reduction", "sum", "loss_reduction must be 'ldm' or 'mean', got 'sum'"),
     ],
 )
 def test_config_rejects_bad_values(key, value, message):
@@ -381,8 +601,10 @@ def test_config_rejects_bad_values(key, value, message):
 
 
 def test_config_loads_strictly_from_yaml_mapping():
-    cfg = from_dict(VAELossConfig, {"kl_weight": 1e-6, "disc_start": 100, "disc_loss": "vanilla"})
-    assert (cfg.kl_weight, cfg.disc_start, cfg.disc_loss) == (1e-6, 100, "vanilla")
+    assert VAELossConfig().loss_reduction == "ldm"  # LDM's published weights mean what they say
+    cfg = from_dict(VAELossConfig, {"kl_weight": 1e-6, "disc_start": 100, "disc_loss": "vanilla",
+                                    "loss_reduction": "mean"})
+    assert (cfg.kl_weight, cfg.disc_start, cfg.disc_loss, cfg.loss_reduction) == (1e-6, 100, "vanilla", "mean")
     with pytest.raises(UserError, match="kl_weight must be >= 0"):
         from_dict(VAELossConfig, {"kl_weight": -1.0})
     with pytest.raises(UserError, match="disc_loss"):
