@@ -315,6 +315,13 @@ def check_output_path(path: Path, data_root: Path, overwrite: bool) -> None:
                         "(no state.json / dataset_info.json): refusing to delete it even with --overwrite")
 
 
+def encoder_source(name: str) -> str:
+    """The text encoder as the summary records it: a hub name as given, a local folder as its absolute
+    path (stage 2 compares it with its own unet.text_conditioning_hf_model from any directory)."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
 def resolve_device(device: Optional[str]) -> "torch.device":
     """The --device for --pre_encode_text: the given one (checked), else cuda when available, else cpu."""
     import torch
@@ -487,7 +494,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 "num_tokens": text_tokens, "mean_tokens_per_caption": text_tokens / max(stats.kept, 1),
                 "bytes_per_caption": bytes_per_value * encoder.hidden_size * text_tokens / max(stats.kept, 1),
             }
-        summary = {**stats.as_dict(), "hf_clip_model_name": args.hf_clip_model_name, "max_length": max_length,
+        summary = {**stats.as_dict(), "hf_clip_model_name": encoder_source(args.hf_clip_model_name), "max_length": max_length,
                    "text_embeddings": text_summary}
         print("\n".join(stats.summary_lines()), flush=True)
         if stats.kept == 0:

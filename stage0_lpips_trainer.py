@@ -320,7 +320,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     state = checkpoints.resume(args.resume_from_checkpoint)
     run_config = dict(vars(args))
     write_resolved_config(accelerator, run_dir, run_config)
-    metrics_log = MetricsLogger(accelerator, run_dir, bool(args.log_wandb), "LPIPSTrainer", None, run_config)
+    metrics_log = MetricsLogger(accelerator, run_dir, bool(args.log_wandb), args.experiment_name, None, run_config,
+                                resumed=state.step > 0)
     metrics_log.truncate_after(state.step)
 
     # -- step function ----------------------------------------------------------------------
@@ -352,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     logger.info("training %s LPIPS on %d triplets: %d epochs x %d steps, %d process(es)", args.backbone,
                 len(train_set), total_epochs, steps_per_epoch, accelerator.num_processes)
     config = LoopConfig(total_steps=total_steps, logging_steps=args.logging_steps, checkpoint_every=steps_per_epoch,
-                        images_per_step=args.batch_size * accelerator.num_processes,
+                        images_per_step=args.batch_size * accelerator.num_processes, per_gpu_batch_size=args.batch_size,
                         stop_after_steps=args.stop_after_steps, desc="stage0", plot_keys=("loss", "accuracy", "lr"))
     train_loop(accelerator, loader=loader, models=[objective], step_fn=train_step, state=state, config=config,
                checkpoints=checkpoints, metrics_log=metrics_log, export=export)

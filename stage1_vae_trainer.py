@@ -113,7 +113,10 @@ class Stage1TrainingArgs(VAELossConfig):
     per_gpu_batch_size: images per process per forward pass (micro-batch).
     gradient_accumulation_steps: micro-batches per optimizer step (global batch: per_gpu_batch_size x
         gradient_accumulation_steps x processes).
-    max_grad_norm: clip each network's gradient norm to this (null: no clipping).
+    max_grad_norm / disc_max_grad_norm: clip the autoencoder's / the discriminator's gradient norm to
+        this (null: no clipping, as LDM and taming). The autoencoder's loss is summed per image under
+        loss_reduction ldm (its gradient ~C*H*W times a per-pixel mean's), the discriminator's is a mean,
+        hence two thresholds (the shipped YAMLs: 2e5 and 1.0 at 256 px).
     checkpoint_iterations / checkpoints_total_limit: save every N optimizer steps / keep the newest N (null: all).
     val_generation_freq / num_val_images: validate every N optimizer steps / on this many held-out images (0: no validation).
     logging_steps: write gathered training-loss means every N optimizer steps.
@@ -145,7 +148,8 @@ class Stage1TrainingArgs(VAELossConfig):
     total_training_iterations: int = 150000
     per_gpu_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    max_grad_norm: Optional[float] = 1.0
+    max_grad_norm: Optional[float] = None
+    disc_max_grad_norm: Optional[float] = None
     checkpoint_iterations: int = 5000
     checkpoints_total_limit: Optional[int] = 3
     val_generation_freq: int = 1000
@@ -181,6 +185,8 @@ class Stage1TrainingArgs(VAELossConfig):
             raise UserError(f"optimizer betas must be in [0, 1), got {self.optimizer_beta1}, {self.optimizer_beta2}")
         if self.optimizer_weight_decay < 0:
             raise UserError(f"optimizer_weight_decay must be >= 0, got {self.optimizer_weight_decay}")
+        if self.disc_max_grad_norm is not None and not self.disc_max_grad_norm > 0:
+            raise UserError(f"disc_max_grad_norm must be > 0 or null (no clipping), got {self.disc_max_grad_norm}")
 
     def loss_config(self) -> VAELossConfig:
         """The loss keys as the loss module's own config."""
@@ -450,14 +456,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
     write_resolved_config(accelerator, run_dir, resolved)
     write_resolved_config(accelerator, run_dir, to_dict(ldm), filename="model_config.yaml")
     metrics_log = MetricsLogger(accelerator, run_dir, log_wandb, args.experiment_name, args.wandb_run_name,
-                                {"training": resolved, "model": to_dict(ldm)})
+                                {"training": resolved, "model": to_dict(ldm)}, resumed=state.step > 0)
     metrics_log.truncate_after(state.step)
 
     # -- step function: the autoencoder's update, then (from disc_start) the discriminator's ----
     vae_update = Update("", optimizer, list(vae.parameters()), scheduler, train.max_grad_norm,
                         emas=[(ema, plain_vae)] if ema is not None else ())
     disc_update = Update("disc", disc_optimizer, list(discriminator.parameters()), disc_scheduler,
-                         train.max_grad_norm)
+                         train.disc_max_grad_norm)
 
     def train_step(batch: torch.Tensor, step: int):
         images = images_to_model(batch, accelerator.device)  # uint8 -> [-1, 1] on the device
@@ -496,6 +502,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
         total_steps=train.total_training_iterations, logging_steps=train.logging_steps,
         checkpoint_every=train.checkpoint_iterations, validate_every=train.val_generation_freq,
         images_per_step=train.per_gpu_batch_size * train.gradient_accumulation_steps * accelerator.num_processes,
+        per_gpu_batch_size=train.per_gpu_batch_size,
         stop_after_steps=args.stop_after_steps, desc="stage1",
         plot_keys=("total", "rec", "lpips", "kl", "codebook", "d_loss", "adaptive_weight", "val_psnr", "val_lpips"))
     finished = train_loop(accelerator, loader=loader, models=[vae, discriminator], step_fn=train_step, state=state,

@@ -288,21 +288,23 @@ class Conditioner:
         return {}
 
 
-def check_pre_encoded_source(dataset_path: Path, text_source: str) -> None:
-    """Pre-encoded text must come from the text encoder that encodes the sampling prompts;
-    ``prep_cc.py`` records which one it used in ``prep_cc_summary.json``."""
+def check_text_source(dataset_path: Path, columns: Sequence[str], text_source: str) -> None:
+    """Token ids and encoded states stored by ``prep_cc.py`` (``columns``) must come from the text
+    encoder (and its tokenizer) that encodes the sampling prompts; prep_cc records which one it used
+    in ``prep_cc_summary.json``."""
+    what = "pre-encoded" if "text_embeddings" in columns else "tokenized"
     summary_file = dataset_path / "prep_cc_summary.json"
     if not summary_file.is_file():
-        raise UserError(f"{dataset_path} has pre-encoded text but no prep_cc_summary.json saying which text encoder "
-                        "made it; re-run prep_cc.py on the raw shards")
+        raise UserError(f"{dataset_path} holds {what} captions ({', '.join(columns)}) but no prep_cc_summary.json "
+                        "saying which text encoder made them; re-run prep_cc.py on the raw shards")
     used = json.loads(summary_file.read_text()).get("hf_clip_model_name")
     same = bool(used) and (Path(used).expanduser().resolve() == Path(text_source).expanduser().resolve()
                            if Path(used).expanduser().is_dir() and Path(text_source).expanduser().is_dir()
                            else used == text_source)
     if not same:
-        raise UserError(f"{dataset_path} was pre-encoded with {used!r} but unet.text_conditioning_hf_model is "
-                        f"{text_source!r}: training captions and sampling prompts would be encoded by different "
-                        "models; use the same model, or re-run prep_cc.py with it (or without --pre_encode_text)")
+        raise UserError(f"{dataset_path} was {what} with {used!r} but unet.text_conditioning_hf_model is "
+                        f"{text_source!r}: training captions and sampling prompts would go through different "
+                        "models; use the same model, or re-run prep_cc.py with it")
 
 
 # ----------------------------------------------------------------------------------------
@@ -440,7 +442,10 @@ def use_pre_encoded_text(args: argparse.Namespace, train_cfg: Stage2TrainingArgs
     and such states exist. They must come from the encoder that encodes the sampling prompts."""
     if conditioning != "text":
         return False
-    has_column = "text_embeddings" in getattr(base_dataset, "array_columns", ())
+    stored = list(getattr(base_dataset, "array_columns", ()))
+    if stored:
+        check_text_source(Path(args.path_to_dataset), stored, ldm.unet.text_conditioning_hf_model)
+    has_column = "text_embeddings" in stored
     if ldm.unet.pre_encoded_text and not has_column:
         raise UserError(f"unet.pre_encoded_text is true in {model_config_path} but {args.path_to_dataset} has no "
                         "text_embeddings column (run prep_cc.py with --pre_encode_text)")
@@ -450,7 +455,6 @@ def use_pre_encoded_text(args: argparse.Namespace, train_cfg: Stage2TrainingArgs
                             "train_text_encoder is true: a trained encoder must encode the captions every step")
         return False
     if has_column:
-        check_pre_encoded_source(Path(args.path_to_dataset), ldm.unet.text_conditioning_hf_model)
         logger.info("using the dataset's pre-encoded text (column text_embeddings)")
     elif train_cfg.cache_latents:
         logger.info("the latent cache keeps the captions' encoded states: the text encoder does not run per step")
@@ -604,7 +608,8 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     run_config = {"training_args": to_dict(train_cfg), "model": to_dict(dataclasses.replace(ldm, vae=vae.config)),
                   "args": vars(args)}
     write_resolved_config(accelerator, run_dir, run_config)
-    metrics_log = MetricsLogger(accelerator, run_dir, log_wandb, args.experiment_name, args.wandb_run_name, run_config)
+    metrics_log = MetricsLogger(accelerator, run_dir, log_wandb, args.experiment_name, args.wandb_run_name, run_config,
+                                resumed=state.step > 0)
     metrics_log.truncate_after(state.step)
 
     # -- step function ------------------------------------------------------------------
@@ -653,7 +658,8 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     loop_config = LoopConfig(
         total_steps=train_cfg.total_training_iterations, logging_steps=train_cfg.logging_steps,
         checkpoint_every=train_cfg.checkpoint_iterations, validate_every=train_cfg.val_generation_freq,
-        images_per_step=images_per_step, stop_after_steps=args.stop_after_steps, desc="stage2",
+        images_per_step=images_per_step, per_gpu_batch_size=train_cfg.per_gpu_batch_size,
+        stop_after_steps=args.stop_after_steps, desc="stage2",
         plot_keys=("loss", "lr", "grad_norm"))
     finished = train_loop(accelerator, loader=loader, models=trained, step_fn=train_step, state=state,
                           config=loop_config, checkpoints=checkpoints, metrics_log=metrics_log,

@@ -35,6 +35,8 @@ class TrainerState:
     epoch: int = 0           # current epoch
     batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
     skipped_steps: int = 0   # optimizer steps skipped for non-finite fp16 gradients (loss scaling)
+    num_processes: int = 0   # the run's shape, for a resume on another one (0: not recorded)
+    per_gpu_batch_size: int = 0
 
     def to_json(self) -> Dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

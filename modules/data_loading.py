@@ -93,7 +93,7 @@ def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool, num_worke
     ``shuffle=True`` (training): the order comes from an :class:`EpochSampler` and ``dataset``
     must take its ``(epoch, index)`` keys (``epoch_keyed``; wrap plain datasets in
     :class:`EpochSeeded`). ``shuffle=False`` (evaluation, encoding): plain indices in order.
-    Workers persist across epochs (no re-spawn of many workers per epoch); memory is pinned on
+    Training workers persist across epochs (no re-spawn of many workers per epoch); memory is pinned on
     GPU machines so the copy to the device can overlap compute (``non_blocking``). The loader's
     own generator seeds the workers, so creating an iterator never shifts the training randomness.
     """
@@ -111,7 +111,7 @@ def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool, num_worke
         num_workers=num_workers,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
+        persistent_workers=shuffle and num_workers > 0,  # training loaders only: evaluation ones end their workers
         generator=generator,
         collate_fn=collate_fn,
     )

@@ -83,7 +83,7 @@ class LoopConfig:
     """Cadences and sizes of a run (all counted in optimizer steps).
 
     images_per_step: images (or triplets) per optimizer step over all processes and micro-batches,
-    for the images/s figure. stop_after_steps: checkpoint and stop after this many steps of this
+    for the images/s figure. per_gpu_batch_size: one process's micro-batch (recorded in checkpoints). stop_after_steps: checkpoint and stop after this many steps of this
     invocation (``--stop_after_steps``). validate_every: None for no periodic validation.
     """
 
@@ -91,6 +91,7 @@ class LoopConfig:
     logging_steps: int
     checkpoint_every: int
     images_per_step: int
+    per_gpu_batch_size: int
     validate_every: Optional[int] = None
     stop_after_steps: Optional[int] = None
     desc: str = "train"
@@ -162,9 +163,25 @@ def clip_gradients(accelerator, update: Update) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(update.parameters, update.max_grad_norm)
 
 
-def step_was_skipped(optimizer: Any) -> bool:
-    """Whether the last ``optimizer.step()`` left the weights alone (fp16 overflow under loss scaling)."""
-    return bool(getattr(optimizer, "step_was_skipped", False))
+def loss_scale(accelerator) -> Optional[torch.Tensor]:
+    """The fp16 loss scaler's current scale (a copy), or None without loss scaling."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = scaler._get_scale_async()  # the device tensor: no host sync here
+    return torch.tensor(scaler.get_scale()) if scale is None else scale.clone()
+
+
+def optimizer_step(accelerator, update: Update) -> bool:
+    """``update.optimizer.step()``; returns whether the weights were left alone because fp16 loss
+    scaling found inf/NaN gradients. The scaler halves its scale exactly then. (Accelerate's own
+    ``step_was_skipped`` misses it for fused optimizers, whose kernel skips the update itself.)"""
+    before = loss_scale(accelerator) if accelerator.sync_gradients else None
+    update.optimizer.step()
+    if before is None:
+        return False
+    after = loss_scale(accelerator)
+    return bool(after < before)  # one host sync per optimizer step, with fp16 loss scaling only
 
 
 def train_loop(
@@ -190,10 +207,12 @@ def train_loop(
     from accelerate import skip_first_batches
 
     cfg = config
+    check_resume_shape(accelerator, state, cfg.per_gpu_batch_size)
     window = _Window()
     bar = progress_bar(accelerator, cfg.total_steps, initial=state.step, desc=cfg.desc)
     steps_this_run, train_seconds, timed_steps = 0, 0.0, 0
     stepped: Dict[int, Update] = {}  # optimizers stepped in the current accumulation window, by id
+    skipped_updates: set = set()  # ids of those whose step fp16 loss scaling skipped
     lrs: Dict[str, float] = {}
     finished = state.step >= cfg.total_steps
     stopping = False
@@ -212,7 +231,8 @@ def train_loop(
                         accelerator.backward(item.loss)
                         if accelerator.sync_gradients and update.max_grad_norm is not None:
                             window.add({update.key("grad_norm"): clip_gradients(accelerator, update)})
-                        update.optimizer.step()
+                        if optimizer_step(accelerator, update):
+                            skipped_updates.add(id(update))
                         update.optimizer.zero_grad(set_to_none=True)
                         stepped[id(update)] = update
                         window.add(item.logs)
@@ -224,7 +244,7 @@ def train_loop(
                 for update in stepped.values():
                     if update.scheduler is not None:
                         lrs[update.key("lr")] = update.scheduler.get_last_lr()[0]  # the LR this step used
-                    if step_was_skipped(update.optimizer):
+                    if id(update) in skipped_updates:
                         skipped = True
                         continue
                     if update.scheduler is not None:
@@ -234,6 +254,7 @@ def train_loop(
                     for ema, module in update.emas:
                         ema.update(module, state.step + 1)
                 stepped.clear()
+                skipped_updates.clear()
                 state.step += 1
                 state.skipped_steps += int(skipped)
                 steps_this_run += 1
@@ -273,6 +294,20 @@ def train_loop(
         export(state)
     if accelerator.is_main_process:
         metrics_log.plot(cfg.plot_keys)
-    metrics_log.finish()
+    # Every rank waits for rank 0's export before the tracker ends: end_training() also destroys the
+    # process group, so no collective may follow it.
     accelerator.wait_for_everyone()
+    metrics_log.finish()
     return not stopping
+
+
+def check_resume_shape(accelerator, state: TrainerState, per_gpu_batch_size: int) -> None:
+    """Record the number of processes and the micro-batch size in ``state`` (checkpoints store them);
+    a checkpoint made with others resumes, but not at exactly the same sample: say so."""
+    saved = (state.num_processes, state.per_gpu_batch_size)
+    now = (accelerator.num_processes, per_gpu_batch_size)
+    if state.step > 0 and saved != (0, 0) and saved != now:
+        logger.warning("resuming a checkpoint made with %d process(es) x %d images per micro-batch on %d x %d: "
+                       "training continues, but the data position of the epoch (and so the exact samples) differs "
+                       "from an uninterrupted run", *saved, *now)
+    state.num_processes, state.per_gpu_batch_size = now

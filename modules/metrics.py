@@ -14,11 +14,12 @@ logger = logging.getLogger("ldm")
 WANDB_ID_FILE = "wandb_run_id.txt"
 
 
-def wandb_run_id(run_dir: Path, is_main_process: bool) -> str:
-    """The id of this run folder's wandb run: read from ``<run>/wandb_run_id.txt``, or made and
-    written there on the first start, so that a resumed run continues the same wandb run."""
+def wandb_run_id(run_dir: Path, is_main_process: bool, resumed: bool) -> str:
+    """The id of this run folder's wandb run: a resumed run reads it from ``<run>/wandb_run_id.txt``
+    and continues that wandb run; a fresh start (no checkpoint to continue) makes a new one and
+    writes it there."""
     path = run_dir / WANDB_ID_FILE
-    if path.is_file():
+    if resumed and path.is_file():
         return path.read_text().strip()
     run_id = secrets.token_hex(6)  # wandb run ids: letters and digits
     if is_main_process:
@@ -33,14 +34,14 @@ class MetricsLogger:
 
     def __init__(self, accelerator, run_dir: Union[str, Path], use_wandb: bool = False,
                  project_name: str = "ldm", run_name: Optional[str] = None,
-                 config: Optional[Mapping[str, Any]] = None):
+                 config: Optional[Mapping[str, Any]] = None, resumed: bool = False):
         self.accelerator = accelerator
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.use_wandb = use_wandb
         if use_wandb:
             # The same wandb run across resumes: its id lives in the run folder.
-            run_id = wandb_run_id(self.run_dir, accelerator.is_main_process)
+            run_id = wandb_run_id(self.run_dir, accelerator.is_main_process, resumed)
             init_kwargs = {"wandb": {"dir": str(self.run_dir), "id": run_id, "resume": "allow"}}
             if run_name:
                 init_kwargs["wandb"]["name"] = run_name

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -289,7 +290,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(assets, uninterrupted, tmp_path
     stopped = s2.main(argv + ["--stop_after_steps", "2"])
     assert stopped.step == 2 and stopped.export_path is None and not (tmp_path / "model.safetensors").exists()
     assert json.loads((tmp_path / "DiffusionTrainer/checkpoint_2/trainer_state.json").read_text()) == \
-        {"step": 2, "epoch": 0, "batch_in_epoch": 4, "skipped_steps": 0}
+        {"step": 2, "epoch": 0, "batch_in_epoch": 4, "skipped_steps": 0, "num_processes": 1, "per_gpu_batch_size": 2}
     resumed = s2.main(argv + ["--resume_from_checkpoint", "latest"])
     assert resumed.step == 4
     full = load_file(str(full_work / "model.safetensors"))
@@ -521,6 +522,15 @@ def test_bad_inputs_are_one_line_errors(assets, tmp_path, capsys):
     assert "text-conditional" in msg and "unet.text_conditioning=true" in msg
     msg = one_line_error(base(assets["vae"], "shapes", None, text=True) + ["--set", "unet.text_embed_dim=48"], capsys)
     assert "hidden size 32" in msg and "unet.text_embed_dim 48" in msg
+    # Captions tokenized and encoded by another model than the one that will encode the prompts.
+    other = tmp_path / "cc_other_encoder"
+    shutil.copytree(assets["cc"], other)
+    (other / "prep_cc_summary.json").write_text(json.dumps({"hf_clip_model_name": "openai/clip-vit-large-patch14"}))
+    msg = one_line_error(base(assets["vae"], "conceptual_captions", other, text=True), capsys)
+    assert "was pre-encoded with 'openai/clip-vit-large-patch14'" in msg and str(clip) in msg
+    (other / "prep_cc_summary.json").unlink()
+    msg = one_line_error(base(assets["vae"], "conceptual_captions", other, text=True), capsys)
+    assert "no prep_cc_summary.json" in msg and "re-run prep_cc.py" in msg
     msg = one_line_error(base(assets["vae"], "laion", None), capsys)
     assert "unknown dataset 'laion'" in msg and "conceptual_captions" in msg
     msg = one_line_error(base(assets["vae"], "celebahq", assets["root"] / "faces")

@@ -35,12 +35,15 @@ def toy_run(run_dir, total_steps, stop_after=None, resume=None, limit=None, accu
     """A miniature trainer with the stage scripts' structure, driven by the shared loop.
 
     seen: a list that receives (step, indices, x) of every micro-batch the step function gets.
-    skip_at: optimizer steps (0-based) at which the optimizer reports an fp16 overflow skip.
+    skip_at: optimizer steps (0-based) whose loss is made infinite, under a real fp16-style loss
+    scaler (torch's GradScaler on the CPU), which then skips the update and halves its scale.
     """
     accelerator = build_accelerator(seed=3, gradient_accumulation_steps=accumulation)
+    if skip_at:
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)  # as accelerate sets up fp16
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
     ema = EMA(model, decay=0.9)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = build_adamw(model.parameters(), lr=1e-2)  # fused, as in the trainers
     scheduler = build_lr_scheduler(optimizer, "cosine", warmup_steps=2, total_steps=total_steps)
     loader = build_dataloader(EpochSeeded(NoisyPairs(), seed=3), batch_size=4, shuffle=True,
                               num_workers=num_workers, drop_last=True, seed=3)
@@ -52,28 +55,19 @@ def toy_run(run_dir, total_steps, stop_after=None, resume=None, limit=None, accu
     state = manager.resume(resume)
     metrics = MetricsLogger(accelerator, run_dir)
     metrics.truncate_after(state.step)
-    update = Update("", optimizer, list(model.parameters()), scheduler, max_grad_norm=1.0,
+    update = Update("", optimizer, list(model.parameters()), scheduler, max_grad_norm=None if skip_at else 1.0,
                     emas=[(ema, accelerator.unwrap_model(model))])
-    if skip_at:
-        real_step = optimizer.step
-
-        def step(*args, **kwargs):  # what AcceleratedOptimizer does on an fp16 overflow: no update
-            if accelerator.sync_gradients and state.step in skip_at:
-                optimizer._is_overflow = True
-                return None
-            optimizer._is_overflow = False
-            return real_step(*args, **kwargs)
-
-        optimizer.step = step
 
     def step_fn(batch, step):
         if seen is not None:
             seen.append((step, batch["index"].tolist(), batch["x"].clone()))
         loss = torch.nn.functional.mse_loss(model(batch["x"]), batch["y"])
+        if step in skip_at:
+            loss = loss * float("inf")
         yield Backward(update, loss, {"loss": loss.detach()})
 
     config = LoopConfig(total_steps=total_steps, logging_steps=2, checkpoint_every=checkpoint_every,
-                        images_per_step=4 * accumulation, stop_after_steps=stop_after)
+                        images_per_step=4 * accumulation, per_gpu_batch_size=4, stop_after_steps=stop_after)
     train_loop(accelerator, loader=loader, models=[model], step_fn=step_fn, state=state, config=config,
                checkpoints=manager, metrics_log=metrics)
     return accelerator.unwrap_model(model), ema, state, manager, scheduler
@@ -127,13 +121,14 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch():
         build_dataloader(NoisyPairs(), 4, shuffle=True, num_workers=0, drop_last=True, seed=0)
 
 
-def test_skipped_steps_leave_schedule_and_ema_alone(tmp_path):
-    """fp16 overflow steps (the optimizer skipped the update) advance neither the LR schedule nor
-    the EMA, and are counted in the logs."""
+def test_skipped_steps_leave_weights_schedule_and_ema_alone(tmp_path):
+    """fp16 overflow steps (the loss scaler found inf gradients; the fused AdamW kernel skipped the
+    update) advance neither the LR schedule nor the EMA, and are counted in the logs."""
     model, ema, state, _, scheduler = toy_run(tmp_path / "skip", 6, skip_at=(1, 2), checkpoint_every=100)
     assert state.step == 6 and state.skipped_steps == 2
     assert scheduler.last_epoch == 4  # 6 steps, 2 of them skipped
     assert ema.num_updates == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
     records = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records] == [1, 2, 2]
     _, plain_ema, plain_state, _, plain_scheduler = toy_run(tmp_path / "plain", 6, checkpoint_every=100)
@@ -141,16 +136,18 @@ def test_skipped_steps_leave_schedule_and_ema_alone(tmp_path):
 
 
 def test_wandb_run_is_resumed_with_the_run_folder(tmp_path, monkeypatch):
+    """A resume continues the run folder's wandb run; a fresh start in the same folder makes a new one."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     ids = []
-    for _ in range(2):
+    for resumed in (False, True, False):
         accelerator = build_accelerator(seed=0, log_wandb=True, project_dir=tmp_path)
-        metrics = MetricsLogger(accelerator, tmp_path, use_wandb=True, project_name="test")
+        metrics = MetricsLogger(accelerator, tmp_path, use_wandb=True, project_name="test", resumed=resumed)
         ids.append(accelerator.get_tracker("wandb", unwrap=True).id)
         metrics.log({"loss": 1.0}, step=len(ids))
         metrics.finish()
-    assert ids[0] == ids[1] == (tmp_path / WANDB_ID_FILE).read_text().strip()
+        assert (tmp_path / WANDB_ID_FILE).read_text().strip() == ids[-1]
+    assert ids[0] == ids[1] != ids[2]
 
 
 def test_checkpoints_rotate_and_refuse_to_overwrite(tmp_path):
