@@ -430,6 +430,24 @@ PUBLISHED_CASES = [
 ]
 
 
+def _assert_matches_reference(ours_fn, reference_fn, names, gan_on: bool, disc_weight: float):
+    """Each fn runs a fresh forward and returns ((loss, logs or LDM's d_weight), tensors to differentiate
+    by). Same value, same gradients, and disc_weight x our lambda == the reference's d_weight (which
+    includes discriminator_weight; our log is lambda before disc_weight) when the GAN is on."""
+    (total, logs), inputs = ours_fn()
+    ours = torch.autograd.grad(total, inputs)
+    (expected, d_weight), inputs = reference_fn()
+    reference = torch.autograd.grad(expected, inputs)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    for name, a, b in zip(names, ours, reference):
+        _assert_same_gradient(a, b, name)
+    if gan_on:
+        assert (disc_weight * logs["adaptive_weight"]).item() == pytest.approx(d_weight.item(), rel=1e-5)
+    else:
+        assert "adaptive_weight" not in logs
+    return ours, reference
+
+
 @pytest.mark.parametrize("kl_weight, perceptual_weight, disc_weight, step, disc_start", PUBLISHED_CASES)
 def test_kl_loss_matches_ldm_lpips_with_discriminator(kl_weight, perceptual_weight, disc_weight, step, disc_start):
     torch.manual_seed(0)
@@ -446,26 +464,20 @@ def test_kl_loss_matches_ldm_lpips_with_discriminator(kl_weight, perceptual_weig
         recon = decoder(mean + torch.exp(0.5 * logvar) * eps)
         return recon, ToyPosterior(mean, logvar)
 
-    recon, posterior = forward()
-    total, logs = loss.generator_loss(x, recon, posterior, step, disc, decoder.conv_out.weight)
-    ours = torch.autograd.grad(total, [recon, mean, logvar])
+    def ours_fn():
+        recon, posterior = forward()
+        return loss.generator_loss(x, recon, posterior, step, disc, decoder.conv_out.weight), [recon, mean, logvar]
 
-    recon, posterior = forward()
-    expected, d_weight = ldm_kl_generator_loss(
-        x, recon, posterior, perceptual, disc, decoder.conv_out.weight, step, kl_weight=kl_weight,
-        perceptual_weight=perceptual_weight, disc_weight=disc_weight, disc_start=disc_start)
-    reference = torch.autograd.grad(expected, [recon, mean, logvar])
+    def reference_fn():
+        recon, posterior = forward()
+        return ldm_kl_generator_loss(
+            x, recon, posterior, perceptual, disc, decoder.conv_out.weight, step, kl_weight=kl_weight,
+            perceptual_weight=perceptual_weight, disc_weight=disc_weight, disc_start=disc_start), [recon, mean, logvar]
 
-    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
-    for name, a, b in zip(("recon", "posterior mean", "posterior logvar"), ours, reference):
-        _assert_same_gradient(a, b, name)
+    ours, reference = _assert_matches_reference(ours_fn, reference_fn, ("recon", "posterior mean", "posterior logvar"),
+                                                gan_on=step >= disc_start and disc_weight > 0, disc_weight=disc_weight)
     _assert_same_gradient(torch.cat([ours[1].flatten(), ours[2].flatten()]),
                           torch.cat([reference[1].flatten(), reference[2].flatten()]), "posterior")
-    if step >= disc_start and disc_weight > 0:
-        # LDM's d_weight includes discriminator_weight; our log is lambda before disc_weight.
-        assert (disc_weight * logs["adaptive_weight"]).item() == pytest.approx(d_weight.item(), rel=1e-5)
-    else:
-        assert "adaptive_weight" not in logs
 
 
 @pytest.mark.parametrize("codebook_weight, perceptual_weight, disc_weight, step, disc_start", PUBLISHED_CASES)
@@ -486,21 +498,19 @@ def test_vq_loss_matches_taming_vq_lpips_with_discriminator(codebook_weight, per
         codebook_loss = F.mse_loss(e, z_e.detach()) + 0.25 * F.mse_loss(z_e, e.detach())
         return decoder(z_e + (e - z_e).detach()), codebook_loss
 
-    recon, codebook_loss = forward()
-    total, logs = loss.generator_loss(x, recon, codebook_loss, step, disc, decoder.conv_out.weight)
-    ours = torch.autograd.grad(total, [recon, z_e, codebook])
+    def ours_fn():
+        recon, codebook_loss = forward()
+        return (loss.generator_loss(x, recon, codebook_loss, step, disc, decoder.conv_out.weight),
+                [recon, z_e, codebook])
 
-    recon, codebook_loss = forward()
-    expected, d_weight = taming_vq_generator_loss(
-        x, recon, codebook_loss, perceptual, disc, decoder.conv_out.weight, step, codebook_weight=codebook_weight,
-        perceptual_weight=perceptual_weight, disc_weight=disc_weight, disc_start=disc_start)
-    reference = torch.autograd.grad(expected, [recon, z_e, codebook])
+    def reference_fn():
+        recon, codebook_loss = forward()
+        return taming_vq_generator_loss(
+            x, recon, codebook_loss, perceptual, disc, decoder.conv_out.weight, step, codebook_weight=codebook_weight,
+            perceptual_weight=perceptual_weight, disc_weight=disc_weight, disc_start=disc_start), [recon, z_e, codebook]
 
-    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
-    for name, a, b in zip(("recon", "encoder output", "codebook"), ours, reference):
-        _assert_same_gradient(a, b, name)
-    if step >= disc_start and disc_weight > 0:
-        assert (disc_weight * logs["adaptive_weight"]).item() == pytest.approx(d_weight.item(), rel=1e-5)
+    _assert_matches_reference(ours_fn, reference_fn, ("recon", "encoder output", "codebook"),
+                              gan_on=step >= disc_start and disc_weight > 0, disc_weight=disc_weight)
 
 
 # ----------------------------------------------------------------------------------------------
