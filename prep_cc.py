@@ -315,13 +315,6 @@ def check_output_path(path: Path, data_root: Path, overwrite: bool) -> None:
                         "(no state.json / dataset_info.json): refusing to delete it even with --overwrite")
 
 
-def encoder_source(name: str) -> str:
-    """The text encoder as the summary records it: a hub name as given, a local folder as its absolute
-    path (stage 2 compares it with its own unet.text_conditioning_hf_model from any directory)."""
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() else name
-
-
 def resolve_device(device: Optional[str]) -> "torch.device":
     """The --device for --pre_encode_text: the given one (checked), else cuda when available, else cpu."""
     import torch
@@ -432,7 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     import transformers
     from datasets.arrow_writer import ArrowWriter
 
-    from modules.text_encoder import TextEncoder
+    from modules.text_encoder import TextEncoder, encoder_source
 
     transformers.utils.logging.disable_progress_bar()  # a bar per weight file is noise on one model
 

@@ -76,7 +76,7 @@ from modules.errors import UserError
 from modules.export import describe_run
 from modules.image_datasets import build_dataset, dataset_conditioning, images_to_model, split_holdout
 from modules.image_metrics import psnr, ssim
-from modules.loop import Backward, LoopConfig, Update, check_loop_keys, train_loop
+from modules.loop import Backward, LoopConfig, Update, check_at_least, check_clip_norm, check_loop_keys, train_loop
 from modules.metrics import MetricsLogger
 from modules.model_config import LDMConfig, ldm_config_from_dict, split_overrides
 from modules.optim import build_adamw, build_lr_scheduler
@@ -174,19 +174,15 @@ class Stage1TrainingArgs(VAELossConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_loop_keys(self)
-        if self.shapes_num_images < 1:
-            raise UserError(f"shapes_num_images must be >= 1, got {self.shapes_num_images}")
-        for name in ("disc_lr_warmup_steps", "num_val_images"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_at_least(self, ("shapes_num_images",), 1)
+        check_at_least(self, ("disc_lr_warmup_steps", "num_val_images"), 0)
+        check_clip_norm(self, "disc_max_grad_norm")
         if not self.disc_learning_rate > 0:
             raise UserError(f"disc_learning_rate must be > 0, got {self.disc_learning_rate}")
         if not (0.0 <= self.optimizer_beta1 < 1.0 and 0.0 <= self.optimizer_beta2 < 1.0):
             raise UserError(f"optimizer betas must be in [0, 1), got {self.optimizer_beta1}, {self.optimizer_beta2}")
         if self.optimizer_weight_decay < 0:
             raise UserError(f"optimizer_weight_decay must be >= 0, got {self.optimizer_weight_decay}")
-        if self.disc_max_grad_norm is not None and not self.disc_max_grad_norm > 0:
-            raise UserError(f"disc_max_grad_norm must be > 0 or null (no clipping), got {self.disc_max_grad_norm}")
 
     def loss_config(self) -> VAELossConfig:
         """The loss keys as the loss module's own config."""
@@ -448,6 +444,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
         raise UserError(f"{len(loader.dataset)} training images give no full batch of per_gpu_batch_size "
                         f"{train.per_gpu_batch_size} on {accelerator.num_processes} process(es); lower it")
     plain_vae, plain_disc = accelerator.unwrap_model(vae), accelerator.unwrap_model(discriminator)
+    last_layer_weight = plain_vae.last_decoder_layer_weight  # for the adaptive GAN weight
     seed_per_process(accelerator, train.seed)  # posterior noise differs per process; restored on resume
 
     # -- resume -----------------------------------------------------------------------
@@ -473,8 +470,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
             else:
                 (recon, regularizer), vq_logs = vae(images), {}
             # The discriminator runs unwrapped and frozen inside the loss: no gradient, no DDP sync.
-            loss, logs = loss_fn.generator_loss(images, recon, regularizer, step, plain_disc,
-                                                plain_vae.last_decoder_layer_weight)
+            loss, logs = loss_fn.generator_loss(images, recon, regularizer, step, plain_disc, last_layer_weight)
         yield Backward(vae_update, loss, {**logs, **vq_logs})
         with accelerator.autocast():  # real images against detached reconstructions
             d_loss, d_logs = loss_fn.discriminator_loss(images, recon.detach(), step, discriminator)

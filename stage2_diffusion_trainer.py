@@ -63,16 +63,16 @@ from modules.latent_cache import (
     CachedLatentDataset,
     FlipAugmented,
     build_latent_cache,
-    resolve_cache_dtype,
     sample_latents,
     vae_fingerprint,
     vae_moments,
 )
 from modules.ldm_io import LatentDiffusion, save_ldm_export, text_encoder_export
-from modules.loop import Backward, LoopConfig, Update, check_loop_keys, train_loop
+from modules.loop import Backward, LoopConfig, Update, check_at_least, check_loop_keys, train_loop
 from modules.metrics import MetricsLogger
 from modules.model_config import load_ldm_config, scale_factor_for, split_overrides
 from modules.optim import build_adamw, build_lr_scheduler
+from modules.text_encoder import encoder_source
 from modules.unet import UNet, UNetConfig
 
 logger = logging.getLogger("ldm")
@@ -139,12 +139,9 @@ class Stage2TrainingArgs:
 
     def __post_init__(self) -> None:
         check_loop_keys(self)
-        for key in ("num_samples_per_condition", "num_unconditional_samples", "num_inference_steps", "ema_update_every",
-                    "shapes_num_images"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.ema_update_after_step < 0:
-            raise ValueError(f"ema_update_after_step must be >= 0, got {self.ema_update_after_step}")
+        check_at_least(self, ("num_samples_per_condition", "num_unconditional_samples", "num_inference_steps",
+                              "ema_update_every", "shapes_num_images"), 1)
+        check_at_least(self, ("ema_update_after_step",), 0)
         if not 0.0 <= self.cfg_dropout_prob <= 1.0:
             raise ValueError(f"cfg_dropout_prob must be in [0, 1], got {self.cfg_dropout_prob}")
         if self.offset_noise < 0 or self.ddim_eta < 0 or self.huber_c <= 0:
@@ -260,7 +257,8 @@ class Conditioner:
         if conditioning == "text":  # the empty prompt, tokenized (and encoded by a frozen encoder) once
             plain = getattr(text_encoder, "module", text_encoder)  # DDP-wrapped when trained
             tokens = plain.caption_tokenizer([""])
-            self.null_ids = (tokens.input_ids, tokens.attention_mask.bool())  # (1, L) each
+            device = plain.model.device  # where the batches go: moved once, not every step
+            self.null_ids = (tokens.input_ids.to(device), tokens.attention_mask.bool().to(device))  # (1, L) each
             if use_pre_encoded:
                 with torch.no_grad():
                     self.null_text = plain.encode(*self.null_ids)  # ((1, L, D), (1, L))
@@ -277,8 +275,8 @@ class Conditioner:
                 mask = torch.where(drop[:, None], _padded_to(null_mask, length).to(device), mask.bool())
             else:
                 null_ids, null_mask = self.null_ids
-                ids = torch.where(drop[:, None], null_ids.to(device), batch["input_ids"].to(device))
-                mask = torch.where(drop[:, None], null_mask.to(device), batch["attention_mask"].to(device).bool())
+                ids = torch.where(drop[:, None], null_ids, batch["input_ids"].to(device))
+                mask = torch.where(drop[:, None], null_mask, batch["attention_mask"].to(device).bool())
                 hidden, mask = self.text_encoder(ids, mask)  # through the DDP wrapper when trained
             return {"context": hidden, "context_mask": mask}
         if self.conditioning == "class":
@@ -298,10 +296,7 @@ def check_text_source(dataset_path: Path, columns: Sequence[str], text_source: s
         raise UserError(f"{dataset_path} holds {what} captions ({', '.join(columns)}) but no prep_cc_summary.json "
                         "saying which text encoder made them; re-run prep_cc.py on the raw shards")
     used = json.loads(summary_file.read_text()).get("hf_clip_model_name")
-    same = bool(used) and (Path(used).expanduser().resolve() == Path(text_source).expanduser().resolve()
-                           if Path(used).expanduser().is_dir() and Path(text_source).expanduser().is_dir()
-                           else used == text_source)
-    if not same:
+    if not used or encoder_source(used) != encoder_source(text_source):
         raise UserError(f"{dataset_path} was {what} with {used!r} but unet.text_conditioning_hf_model is "
                         f"{text_source!r}: training captions and sampling prompts would go through different "
                         "models; use the same model, or re-run prep_cc.py with it")
@@ -470,19 +465,19 @@ def build_train_set(args: argparse.Namespace, train_cfg: Stage2TrainingArgs, bas
         return FlipAugmented(base_dataset, seed, enabled=train_cfg.random_flip)
     cache_dir = Path(train_cfg.latent_cache_dir) if train_cfg.latent_cache_dir else run_dir / "latent_cache"
     model = vae.model
-    cache_dtype = resolve_cache_dtype(train_cfg.latent_cache_dtype, accelerator.mixed_precision)
-    fingerprint = {  # everything that changes the cached numbers
+    fingerprint = {  # what changes the cached numbers (build_latent_cache adds its dtype and the text encoder)
         "dataset": args.dataset,
         "path": str(Path(args.path_to_dataset).resolve()) if args.path_to_dataset else None,
         "shapes": [train_cfg.shapes_num_images, train_cfg.shapes_seed] if args.path_to_dataset is None else None,
         "num_samples": len(base_dataset), "img_size": vae.img_size, "flips": train_cfg.random_flip,
-        "vae": vae_fingerprint(model), "encode_dtype": str(next(model.parameters()).dtype), "dtype": cache_dtype,
+        "vae": vae_fingerprint(model), "encode_dtype": str(next(model.parameters()).dtype),
     }
     frozen_text = text_encoder if text_encoder is not None and not train_cfg.train_text_encoder else None
     started = time.perf_counter()
     side = vae.img_size // model.downsample_factor
     build_latent_cache(accelerator, base_dataset, model, cache_dir, fingerprint, (model.latent_channels, side, side),
-                       flips=train_cfg.random_flip, cache_dtype=cache_dtype, batch_size=train_cfg.per_gpu_batch_size,
+                       flips=train_cfg.random_flip, cache_dtype=train_cfg.latent_cache_dtype,
+                       batch_size=train_cfg.per_gpu_batch_size,
                        num_workers=train_cfg.num_workers, text_encoder=frozen_text,
                        tokenizer=text_encoder.caption_tokenizer if text_encoder is not None else None)
     logger.info("latent cache ready in %.1fs", time.perf_counter() - started)

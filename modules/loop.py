@@ -103,19 +103,28 @@ LOOP_KEYS_AT_LEAST_ONE = ("total_training_iterations", "per_gpu_batch_size", "gr
                           "checkpoint_iterations", "logging_steps", "val_generation_freq")
 
 
+def check_at_least(args: Any, keys: Sequence[str], minimum: int) -> None:
+    """Each of ``keys`` of a config dataclass must be >= ``minimum`` (ValueError naming the key)."""
+    for key in keys:
+        if getattr(args, key) < minimum:
+            raise ValueError(f"{key} must be >= {minimum}, got {getattr(args, key)}")
+
+
+def check_clip_norm(args: Any, key: str) -> None:
+    """A gradient-clipping threshold: > 0, or null for no clipping."""
+    value = getattr(args, key)
+    if value is not None and not value > 0:
+        raise ValueError(f"{key} must be > 0 or null (no clipping), got {value}")
+
+
 def check_loop_keys(args: Any) -> None:
     """Validate the shared keys of a trainer's ``training_args`` (raises ValueError naming the key);
     also turns YAML's bare ``no``/``yes`` (read as booleans) into mixed_precision ``no``/``auto``."""
-    for key in LOOP_KEYS_AT_LEAST_ONE:
-        if getattr(args, key) < 1:
-            raise ValueError(f"{key} must be >= 1, got {getattr(args, key)}")
-    for key in ("lr_warmup_steps", "num_workers"):
-        if getattr(args, key) < 0:
-            raise ValueError(f"{key} must be >= 0, got {getattr(args, key)}")
+    check_at_least(args, LOOP_KEYS_AT_LEAST_ONE, 1)
+    check_at_least(args, ("lr_warmup_steps", "num_workers"), 0)
     if not args.learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {args.learning_rate}")
-    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be > 0 or null (no clipping), got {args.max_grad_norm}")
+    check_clip_norm(args, "max_grad_norm")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"checkpoints_total_limit must be >= 1 or null (keep all), got {args.checkpoints_total_limit}")
     if not 0.0 <= args.ema_decay <= 1.0:
@@ -211,8 +220,9 @@ def train_loop(
     window = _Window()
     bar = progress_bar(accelerator, cfg.total_steps, initial=state.step, desc=cfg.desc)
     steps_this_run, train_seconds, timed_steps = 0, 0.0, 0
-    stepped: Dict[int, Update] = {}  # optimizers stepped in the current accumulation window, by id
-    skipped_updates: set = set()  # ids of those whose step fp16 loss scaling skipped
+    # The optimizers stepped in the current accumulation window, by id: (update, whether fp16 loss
+    # scaling skipped its real step, which is the window's last micro-batch).
+    stepped: Dict[int, Tuple[Update, bool]] = {}
     lrs: Dict[str, float] = {}
     finished = state.step >= cfg.total_steps
     stopping = False
@@ -231,20 +241,18 @@ def train_loop(
                         accelerator.backward(item.loss)
                         if accelerator.sync_gradients and update.max_grad_norm is not None:
                             window.add({update.key("grad_norm"): clip_gradients(accelerator, update)})
-                        if optimizer_step(accelerator, update):
-                            skipped_updates.add(id(update))
+                        stepped[id(update)] = (update, optimizer_step(accelerator, update))
                         update.optimizer.zero_grad(set_to_none=True)
-                        stepped[id(update)] = update
                         window.add(item.logs)
                 if not accelerator.sync_gradients:
                     continue
 
                 # -- one optimizer step done ------------------------------------------------
                 skipped = False
-                for update in stepped.values():
+                for update, update_skipped in stepped.values():
                     if update.scheduler is not None:
                         lrs[update.key("lr")] = update.scheduler.get_last_lr()[0]  # the LR this step used
-                    if id(update) in skipped_updates:
+                    if update_skipped:
                         skipped = True
                         continue
                     if update.scheduler is not None:
@@ -254,7 +262,6 @@ def train_loop(
                     for ema, module in update.emas:
                         ema.update(module, state.step + 1)
                 stepped.clear()
-                skipped_updates.clear()
                 state.step += 1
                 state.skipped_steps += int(skipped)
                 steps_this_run += 1

@@ -46,6 +46,13 @@ class TokenizedCaptions(NamedTuple):
     num_truncated: int
 
 
+def encoder_source(name: str) -> str:
+    """A text encoder's identity as recorded and compared: a hub name as given, a local folder as its
+    absolute path (``prep_cc.py`` records it; stage 2 checks its own model against it from any directory)."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
 class CaptionTokenizer:
     """Captions -> fixed-length (B, L) token ids and mask, with ONE tokenizer call per batch.
 
