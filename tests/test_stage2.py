@@ -239,9 +239,11 @@ def test_class_conditional_imagenet_on_two_processes_with_a_shared_latent_cache(
     sets = train_sets(assets["prompts"], total_training_iterations=2, per_gpu_batch_size=2, checkpoint_iterations=1,
                       sample_class_labels="[0,2]", num_samples_per_condition=1, lr_scheduler="linear",
                       lr_warmup_steps=2, cache_latents="true")
+    # With wandb (offline) on: every rank must wait for rank 0's export before the tracker ends.
     launch(tutorial_argv(work, assets["vae"], "imagenet", assets["root"] / "imagenet", tmp_path / "gens") +
-           unet_sets(assets["clip"], text=False, classes=True) + sets, processes=2)
+           unet_sets(assets["clip"], text=False, classes=True) + sets + ["--log_wandb"], processes=2)
     run = work / "DiffusionTrainer"
+    assert (run / "wandb_run_id.txt").is_file() and (run / "wandb").is_dir()
     files = set(files_under(run / "checkpoint_2"))
     assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors", "optimizer.bin"} <= files
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
