@@ -49,7 +49,8 @@ from modules.lpips import (
     save_lpips_export,
     two_afc_score,
 )
-from modules.metrics import MetricsLogger, progress_bar
+from modules.metrics import MetricsLogger, device_peak_tflops, progress_bar
+from modules.performance import compile_modules
 from modules.optim import build_lr_scheduler
 
 logger = logging.getLogger("ldm")
@@ -92,6 +93,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        metavar="{no,fp16,bf16,auto}",
                        help="autocast (default auto: bf16 on GPUs that have it, fp16 on older GPUs, none on a CPU); "
                             "the bare flag (the tutorial's) asks for it on any device: bf16, or fp16 on GPUs without bf16")
+    train.add_argument("--compile", action="store_true",
+                       help="torch.compile the metric (needs a C++ compiler on a CPU, Triton on a GPU)")
+    train.add_argument("--peak_tflops", type=float, default=None,
+                       help="one device's peak TFLOP/s for the logged MFU (default: the GPU's known bf16 peak)")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--evaluation_only", action="store_true",
                             help="evaluate <work_dir>/<checkpoint_name> and stop (no training)")
@@ -101,6 +106,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.num_epochs < 0 or args.decay_epochs < 0 or args.num_epochs + args.decay_epochs < 1:
         parser.error("--num_epochs and --decay_epochs must be >= 0 and add up to at least 1")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        parser.error(f"argument --peak_tflops: must be > 0, got {args.peak_tflops}")
     if args.initial_lr <= 0:
         parser.error(f"--initial_lr must be > 0, got {args.initial_lr}")
     if args.mixed_precision not in MIXED_PRECISION_CHOICES + (ASKED_FOR_MIXED_PRECISION,):
@@ -291,6 +298,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     if args.init_from_lpips_pkg:
         metric.load_lpips_package_linear_weights()
     head = RankingHead(middle_channels=args.middle_channels)
+    if args.compile:
+        compile_modules([metric], accelerator.device)
     objective = TwoAFCObjective(metric, head)
     parameters = list(metric.trainable_parameters()) + list(head.parameters())
     optimizer = torch.optim.Adam(parameters, lr=args.initial_lr, betas=(0.5, 0.999))
@@ -352,7 +361,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     # -- loop: a checkpoint at every epoch's end --------------------------------------------
     logger.info("training %s LPIPS on %d triplets: %d epochs x %d steps, %d process(es)", args.backbone,
                 len(train_set), total_epochs, steps_per_epoch, accelerator.num_processes)
-    config = LoopConfig(total_steps=total_steps, logging_steps=args.logging_steps, checkpoint_every=steps_per_epoch,
+    peak = args.peak_tflops if args.peak_tflops is not None else device_peak_tflops(accelerator.device)
+    config = LoopConfig(peak_tflops=peak, total_steps=total_steps, logging_steps=args.logging_steps, checkpoint_every=steps_per_epoch,
                         images_per_step=args.batch_size * accelerator.num_processes, per_gpu_batch_size=args.batch_size,
                         stop_after_steps=args.stop_after_steps, desc="stage0", plot_keys=("loss", "accuracy", "lr"))
     train_loop(accelerator, loader=loader, models=[objective], step_fn=train_step, state=state, config=config,

@@ -78,6 +78,7 @@ from modules.image_datasets import build_dataset, dataset_conditioning, images_t
 from modules.image_metrics import psnr, ssim
 from modules.loop import Backward, LoopConfig, Update, check_at_least, check_clip_norm, check_loop_keys, train_loop
 from modules.metrics import MetricsLogger
+from modules.performance import SpeedArgs, compile_modules, to_channels_last
 from modules.model_config import LDMConfig, ldm_config_from_dict, split_overrides
 from modules.optim import build_adamw, build_lr_scheduler
 from modules.vae_io import save_vae_export
@@ -97,12 +98,14 @@ IMAGE_RANGE = 2.0
 # ----------------------------------------------------------------------------------------
 
 @dataclass
-class Stage1TrainingArgs(VAELossConfig):
+class Stage1TrainingArgs(SpeedArgs, VAELossConfig):
     """``training_args:`` of a stage-1 training YAML.
 
     The loss keys (reconstruction_loss, lpips_weight, kl_weight, codebook_weight, disc_start,
     disc_weight, disc_loss, use_adaptive_weight, adaptive_weight_max, adaptive_weight_eps) are
-    :class:`modules.vae_loss.VAELossConfig`'s and are documented there; the rest:
+    :class:`modules.vae_loss.VAELossConfig`'s and are documented there; the speed keys (compile,
+    compile_mode, channels_last, allow_tf32, peak_tflops) are :class:`modules.performance.SpeedArgs`'s
+    (compile and channels_last apply to the autoencoder, the discriminator and the LPIPS); the rest:
 
     learning_rate / disc_learning_rate: peak LR of the autoencoder's / discriminator's AdamW.
     lr_scheduler / disc_lr_scheduler: "constant", "linear" or "cosine" after a linear warm-up of
@@ -399,7 +402,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
 
     # -- accelerator ------------------------------------------------------------------
     accelerator = build_accelerator(train.mixed_precision, train.gradient_accumulation_steps, train.seed,
-                                    log_wandb, run_dir)
+                                    log_wandb, run_dir, train.allow_tf32)
     checkpoints = CheckpointManager(accelerator, run_dir, total_limit=train.checkpoints_total_limit)
     if args.resume_from_checkpoint is None:
         checkpoints.check_fresh_start()  # before any slow work
@@ -412,6 +415,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
         perceptual.to(accelerator.device)
     loss_fn = VAELoss(train.loss_config(), perceptual)
     ema = EMA(vae, decay=train.ema_decay).to(accelerator.device) if train.use_ema else None
+    if train.channels_last:
+        to_channels_last([vae, discriminator, perceptual])
+    if train.compile:  # after the EMA copy: the average is plain eager weights
+        compile_modules([vae, discriminator, perceptual], accelerator.device, train.compile_mode)
     if vae_config.quantize and accelerator.num_processes > 1:
         from accelerate.utils import broadcast
 
@@ -464,6 +471,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
 
     def train_step(batch: torch.Tensor, step: int):
         images = images_to_model(batch, accelerator.device)  # uint8 -> [-1, 1] on the device
+        if train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
             if vae_config.quantize:
                 recon, regularizer, vq_logs = vae(images)
@@ -495,6 +504,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
                 train.per_gpu_batch_size, train.gradient_accumulation_steps, accelerator.num_processes,
                 train.disc_start)
     loop_config = LoopConfig(
+        peak_tflops=train.resolved_peak_tflops(accelerator.device),
         total_steps=train.total_training_iterations, logging_steps=train.logging_steps,
         checkpoint_every=train.checkpoint_iterations, validate_every=train.val_generation_freq,
         images_per_step=train.per_gpu_batch_size * train.gradient_accumulation_steps * accelerator.num_processes,

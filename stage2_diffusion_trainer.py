@@ -70,6 +70,7 @@ from modules.latent_cache import (
 from modules.ldm_io import LatentDiffusion, save_ldm_export, text_encoder_export
 from modules.loop import Backward, LoopConfig, Update, check_at_least, check_loop_keys, train_loop
 from modules.metrics import MetricsLogger
+from modules.performance import SpeedArgs, compile_modules, to_channels_last
 from modules.model_config import load_ldm_config, scale_factor_for, split_overrides
 from modules.optim import build_adamw, build_lr_scheduler
 from modules.text_encoder import encoder_source
@@ -84,7 +85,7 @@ REPO_ROOT = Path(__file__).resolve().parent
 # ----------------------------------------------------------------------------------------
 
 @dataclass
-class Stage2TrainingArgs:
+class Stage2TrainingArgs(SpeedArgs):
     """``training_args:`` of ``configs/stage2_diffusion_train.yaml`` (the comments there explain each key)."""
 
     learning_rate: float = 1e-4
@@ -275,8 +276,9 @@ class Conditioner:
                 mask = torch.where(drop[:, None], _padded_to(null_mask, length).to(device), mask.bool())
             else:
                 null_ids, null_mask = self.null_ids
-                ids = torch.where(drop[:, None], null_ids, batch["input_ids"].to(device))
-                mask = torch.where(drop[:, None], null_mask, batch["attention_mask"].to(device).bool())
+                length = batch["input_ids"].shape[1]  # the batch's length bucket (modules/batching.py)
+                ids = torch.where(drop[:, None], _padded_to(null_ids, length), batch["input_ids"].to(device))
+                mask = torch.where(drop[:, None], _padded_to(null_mask, length), batch["attention_mask"].to(device).bool())
                 hidden, mask = self.text_encoder(ids, mask)  # through the DDP wrapper when trained
             return {"context": hidden, "context_mask": mask}
         if self.conditioning == "class":
@@ -418,7 +420,8 @@ def load_text_encoder(ldm, train_cfg: Stage2TrainingArgs, model_config_path: Pat
     from modules.text_encoder import TextEncoder
 
     source = ldm.unet.text_conditioning_hf_model
-    encoder = TextEncoder(source, cache_dir=train_cfg.hf_cache_dir, trainable=train_cfg.train_text_encoder)
+    encoder = TextEncoder(source, cache_dir=train_cfg.hf_cache_dir, trainable=train_cfg.train_text_encoder,
+                          gradient_checkpointing=ldm.unet.gradient_checkpointing)  # a trained one: as the UNet
     if encoder.hidden_size != ldm.unet.text_embed_dim:
         raise UserError(f"the text encoder {source!r} has hidden size {encoder.hidden_size} but "
                         f"{model_config_path} has unet.text_embed_dim {ldm.unet.text_embed_dim}; they must be equal")
@@ -543,7 +546,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
 
     # -- accelerator --------------------------------------------------------------------
     accelerator = build_accelerator(train_cfg.mixed_precision, train_cfg.gradient_accumulation_steps, seed,
-                                    log_wandb, run_dir)
+                                    log_wandb, run_dir, train_cfg.allow_tf32)
     device, frozen_dtype = accelerator.device, weight_dtype(accelerator.mixed_precision)
     checkpoints = CheckpointManager(accelerator, run_dir, total_limit=train_cfg.checkpoints_total_limit)
     if args.resume_from_checkpoint is None:
@@ -579,10 +582,21 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
                         f"{ldm.unet.num_classes} in {model_config_path}")
     use_pre_encoded = use_pre_encoded_text(args, train_cfg, ldm, base_dataset, conditioning, model_config_path)
     train_set = build_train_set(args, train_cfg, base_dataset, vae, text_encoder, accelerator, run_dir, seed)
-    collate = Collate(text_encoder.caption_tokenizer if conditioning == "text" and not use_pre_encoded else None)
+    collate = Collate(text_encoder.caption_tokenizer if conditioning == "text" and not use_pre_encoded else None,
+                      context_length=text_encoder.max_length if conditioning == "text" else None)
     loader = build_dataloader(train_set, train_cfg.per_gpu_batch_size, shuffle=True, num_workers=train_cfg.num_workers,
                               drop_last=True, seed=seed, collate_fn=collate)
     validation = validation_conditions(conditioning, train_cfg, len(class_names) if class_names else 0)
+
+    # -- speed settings (after the latent cache is built, which runs the VAE once, eagerly) ----
+    # The networks the step runs: the UNet, the VAE's encoder (images encoded on the fly) and the
+    # text transformer (captions encoded in the step, not read from the dataset or the cache).
+    step_networks = [unet, None if train_cfg.cache_latents else vae.model.encoder,
+                     text_encoder.model if conditioning == "text" and not use_pre_encoded else None]
+    if train_cfg.channels_last:
+        to_channels_last(step_networks[:2])
+    if train_cfg.compile:  # after the EMA copies: the averages are plain eager weights
+        compile_modules(step_networks, device, train_cfg.compile_mode)
 
     # -- prepare ------------------------------------------------------------------------
     *trained, optimizer, loader = accelerator.prepare(*trained, optimizer, loader)
@@ -613,6 +627,8 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     def train_step(batch: Dict[str, Any], step: int):
         with accelerator.autocast():
             latents = batch_latents(batch, vae.model, vae.scaling_factor, vae.shift_factor, device)
+            if train_cfg.channels_last:
+                latents = latents.contiguous(memory_format=torch.channels_last)
             drop = cfg_dropout_mask(latents.shape[0], train_cfg.cfg_dropout_prob, device)
             cond = conditioner(batch, drop, device)
             loss, logs = denoising_loss(unet, latents, cond, schedule, ldm.diffusion.prediction_type, train_cfg)
@@ -651,6 +667,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
                 train_cfg.total_training_iterations, train_cfg.per_gpu_batch_size,
                 train_cfg.gradient_accumulation_steps, accelerator.num_processes, len(loader))
     loop_config = LoopConfig(
+        peak_tflops=train_cfg.resolved_peak_tflops(device),
         total_steps=train_cfg.total_training_iterations, logging_steps=train_cfg.logging_steps,
         checkpoint_every=train_cfg.checkpoint_iterations, validate_every=train_cfg.val_generation_freq,
         images_per_step=images_per_step, per_gpu_batch_size=train_cfg.per_gpu_batch_size,

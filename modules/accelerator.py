@@ -16,6 +16,7 @@ import torch
 
 from modules.cli import setup_logging
 from modules.errors import UserError
+from modules.performance import set_tf32
 
 logger = logging.getLogger("ldm")
 
@@ -59,12 +60,14 @@ def build_accelerator(
     seed: int = 0,
     log_wandb: bool = False,
     project_dir: Optional[Union[str, Path]] = None,
+    allow_tf32: bool = True,
 ):
     """An :class:`accelerate.Accelerator` set up the same way for every stage.
 
     Seeds every RNG with ``seed`` (same on all processes, so models start identical). The data
     order does not come from Accelerate: training loaders use
-    :class:`modules.data_loading.EpochSampler`, a pure function of (seed, epoch).
+    :class:`modules.data_loading.EpochSampler`, a pure function of (seed, epoch). ``allow_tf32``:
+    float32 matmuls and convolutions on TF32 tensor cores (GPUs only; :mod:`modules.performance`).
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -81,12 +84,16 @@ def build_accelerator(
     )
     setup_logging(accelerator.is_main_process)
     set_seed(seed)
+    gpu = accelerator.device.type == "cuda"
+    if gpu:
+        set_tf32(allow_tf32)
     if accelerator.is_main_process:
         logger.info(
-            "device %s, %d process(es), mixed precision %s%s (asked: %s), gradient accumulation %d",
-            accelerator.device, accelerator.num_processes, precision,
+            "device %s%s, %d process(es), mixed precision %s%s (asked: %s), gradient accumulation %d%s",
+            accelerator.device, f" ({torch.cuda.get_device_name(accelerator.device)})" if gpu else "",
+            accelerator.num_processes, precision,
             " (fp32 weights, bf16 autocast)" if precision == "bf16" else "", mixed_precision,
-            gradient_accumulation_steps,
+            gradient_accumulation_steps, f", TF32 {'on' if allow_tf32 else 'off'}" if gpu else "",
         )
     return accelerator
 

@@ -19,6 +19,11 @@ The network is the Stable Diffusion / diffusers one, with the same parameter nam
     Decoder: conv_in -> mid -> [ResBlock x (residual_layers_per_block + 1) (+ Upsample but the last)]
              per level, channels reversed -> GroupNorm, SiLU, conv_out
 
+``vae.gradient_checkpointing`` recomputes the activations of every encoder and decoder layer
+(ResBlocks, attention, resampling; mid blocks included) in backward instead of storing them, so
+stage 1 fits larger batches; ``vae.upsample_transposed_conv`` picks how the decoder's upsampling
+is computed (see :class:`modules.layers.Upsample`). Neither changes the weights or the results.
+
 Files are read only by :func:`load_diffusers_vae` and written only by :func:`export_diffusers_vae`,
 the two explicit conversion entry points.
 """
@@ -29,7 +34,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, Union
 
 import numpy as np
 import torch
@@ -37,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.errors import UserError
-from modules.layers import Downsample, ResBlock, SelfAttention2d, Upsample, normalization
+from modules.layers import (Downsample, ResBlock, SelfAttention2d, TransposedConvChoice, Upsample, checkpoint_call,
+                            normalization)
 from modules.quantizer import VectorQuantizer
 
 __all__ = [
@@ -70,6 +76,12 @@ class VAEConfig:
     commitment_beta: weight of the commitment term, ||z_e - sg[e]||^2 (VQ-VAE eq. 3).
     logvar_min / logvar_max: clamp of the posterior log-variance (keeps exp() finite).
     vq_*: see :class:`modules.quantizer.VectorQuantizer`.
+    gradient_checkpointing: recompute the encoder's and decoder's activations in backward instead
+        of storing them (training only; the same outputs and gradients, one more forward of each).
+    upsample_transposed_conv: how the decoder's Upsample layers compute nearest upsampling +
+        convolution: "auto" (the equivalent transposed convolution on a CPU, the plain form
+        elsewhere), true (transposed everywhere) or false (plain everywhere); see
+        :class:`modules.layers.Upsample`.
     """
 
     img_size: int = 256
@@ -97,6 +109,8 @@ class VAEConfig:
     vq_usage_window: int = 100
     vq_dead_code_restart_steps: int = 0
     vq_dead_code_threshold: int = 1
+    gradient_checkpointing: bool = False
+    upsample_transposed_conv: Union[bool, Literal["auto"]] = "auto"
 
     def __post_init__(self) -> None:
         self.vae_channels_per_block = list(self.vae_channels_per_block)
@@ -133,6 +147,8 @@ class VAEConfig:
             raise bad("logvar_min", f"< logvar_max ({self.logvar_max})")
         if self.commitment_beta < 0:
             raise bad("commitment_beta", "a non-negative weight")
+        if not (isinstance(self.upsample_transposed_conv, bool) or self.upsample_transposed_conv == "auto"):
+            raise bad("upsample_transposed_conv", "'auto', true or false")
 
     @property
     def downsample_factor(self) -> int:
@@ -150,6 +166,7 @@ class MidBlock(nn.Module):
     """ResBlock, then ``num_attention_layers`` x (SelfAttention2d, ResBlock); diffusers' UNetMidBlock2D.
 
     With 0 attention layers it is two ResBlocks (diffusers ``add_attention=False``).
+    ``use_checkpoint`` runs each layer under activation checkpointing (:func:`checkpoint_call`).
     Shapes: (B, C, h, w) -> (B, C, h, w).
     """
 
@@ -166,18 +183,19 @@ class MidBlock(nn.Module):
              for _ in range(num_attention_layers)]
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.resnets[0](x)
+    def forward(self, x: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
+        x = checkpoint_call(self.resnets[0], use_checkpoint, x)
         for i, resnet in enumerate(self.resnets[1:]):
             if i < len(self.attentions):
-                x = self.attentions[i](x)
-            x = resnet(x)
+                x = checkpoint_call(self.attentions[i], use_checkpoint, x)
+            x = checkpoint_call(resnet, use_checkpoint, x)
         return x
 
 
 class EncoderBlock(nn.Module):
     """``num_layers`` ResBlocks then an optional Downsample; diffusers' DownEncoderBlock2D.
 
+    ``use_checkpoint`` runs each layer under activation checkpointing (:func:`checkpoint_call`).
     Shapes: (B, C_in, h, w) -> (B, C_out, h/f, w/f) (h, w when ``add_downsample`` is False).
     """
 
@@ -194,36 +212,40 @@ class EncoderBlock(nn.Module):
             if add_downsample else []
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
         for resnet in self.resnets:
-            x = resnet(x)
+            x = checkpoint_call(resnet, use_checkpoint, x)
         for down in self.downsamplers:
-            x = down(x)
+            x = checkpoint_call(down, use_checkpoint, x)
         return x
 
 
 class DecoderBlock(nn.Module):
     """``num_layers`` ResBlocks then an optional Upsample; diffusers' UpDecoderBlock2D.
 
+    ``use_checkpoint`` runs each layer under activation checkpointing (:func:`checkpoint_call`);
+    ``transposed_conv``: see :class:`modules.layers.Upsample`.
     Shapes: (B, C_in, h, w) -> (B, C_out, h*f, w*f) (h, w when ``add_upsample`` is False).
     """
 
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, add_upsample: bool,
-                 num_groups: int, eps: float, dropout: float, factor: int, kernel_size: int) -> None:
+                 num_groups: int, eps: float, dropout: float, factor: int, kernel_size: int,
+                 transposed_conv: TransposedConvChoice = "auto") -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
             [ResBlock(in_channels if i == 0 else out_channels, out_channels, dropout=dropout,
                       num_groups=num_groups, eps=eps) for i in range(num_layers)]
         )
         self.upsamplers = nn.ModuleList(
-            [Upsample(out_channels, kernel_size=kernel_size, factor=factor)] if add_upsample else []
+            [Upsample(out_channels, kernel_size=kernel_size, factor=factor, transposed_conv=transposed_conv)]
+            if add_upsample else []
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
         for resnet in self.resnets:
-            x = resnet(x)
+            x = checkpoint_call(resnet, use_checkpoint, x)
         for up in self.upsamplers:
-            x = up(x)
+            x = checkpoint_call(up, use_checkpoint, x)
         return x
 
 
@@ -231,7 +253,8 @@ class Encoder(nn.Module):
     """Image -> latent statistics. (B, in_channels, H, W) -> (B, z_channels, H/f, W/f).
 
     ``z_channels`` is 2 * latent_channels (mean and log-variance) for the KL autoencoder and
-    latent_channels for the VQ one.
+    latent_channels for the VQ one. ``gradient_checkpointing`` (from the config, may be changed
+    later) checkpoints every layer of the blocks and the mid block in training mode with grad on.
     """
 
     def __init__(self, config: VAEConfig, z_channels: int) -> None:
@@ -247,17 +270,23 @@ class Encoder(nn.Module):
         self.mid_block = MidBlock(ch[-1], config.attention_layers, config.attention_residual_connections, g, eps, p)
         self.conv_norm_out = normalization(ch[-1], g, eps)
         self.conv_out = nn.Conv2d(ch[-1], z_channels, kernel_size=3, padding=1)
+        self.gradient_checkpointing = config.gradient_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         h = self.conv_in(x)  # (B, ch0, H, W)
         for block in self.down_blocks:
-            h = block(h)  # (B, ch_i, H/f^i, W/f^i)
-        h = self.mid_block(h)  # (B, ch_last, H/f, W/f)
+            h = block(h, use_checkpoint)  # (B, ch_i, H/f^i, W/f^i)
+        h = self.mid_block(h, use_checkpoint)  # (B, ch_last, H/f, W/f)
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, z_channels, H/f, W/f)
 
 
 class Decoder(nn.Module):
-    """Latent -> image. (B, latent_channels, h, w) -> (B, out_channels, h*f, w*f)."""
+    """Latent -> image. (B, latent_channels, h, w) -> (B, out_channels, h*f, w*f).
+
+    ``gradient_checkpointing`` as in :class:`Encoder`; ``config.upsample_transposed_conv`` picks how
+    the Upsample layers compute (:class:`modules.layers.Upsample`).
+    """
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
@@ -268,17 +297,20 @@ class Decoder(nn.Module):
         # One ResBlock more per level than the encoder, as in LDM/SD.
         self.up_blocks = nn.ModuleList(
             [DecoderBlock(ch[max(i - 1, 0)], ch[i], config.residual_layers_per_block + 1, i < len(ch) - 1,
-                          g, eps, p, config.vae_up_down_factor, config.vae_up_down_kernel_size)
+                          g, eps, p, config.vae_up_down_factor, config.vae_up_down_kernel_size,
+                          config.upsample_transposed_conv)
              for i in range(len(ch))]
         )
         self.conv_norm_out = normalization(ch[-1], g, eps)
         self.conv_out = nn.Conv2d(ch[-1], config.out_channels, kernel_size=3, padding=1)
+        self.gradient_checkpointing = config.gradient_checkpointing
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         h = self.conv_in(z)  # (B, ch_last, h, w)
-        h = self.mid_block(h)
+        h = self.mid_block(h, use_checkpoint)
         for block in self.up_blocks:
-            h = block(h)  # (B, ch_i, h*f^i, w*f^i)
+            h = block(h, use_checkpoint)  # (B, ch_i, h*f^i, w*f^i)
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
 
 

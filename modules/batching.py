@@ -20,6 +20,14 @@ return one dict per sample; :class:`Collate` turns B of them into one dict of ba
   causal attention makes the real tokens' states independent of it (Radford et al. 2021);
 - any other key: stacked when every value is a tensor of one shape, else a list.
 
+Text length buckets. Given ``context_length`` (the text encoder's L, 77 for CLIP), the text of a
+training batch is cut (or padded) to :func:`bucket_length` of its longest caption: the next
+power of two from 8 up, at most L (8, 16, 32, 64, 77 for CLIP). Captions are mostly much shorter
+than 77 tokens (CC3M: ~15), and every cross-attention projects and attends to this length only;
+the cut happens here, on the CPU in the worker, so the step never reads a mask back from the
+device to find the length (a host sync), and a compiled UNet sees at most 5 lengths (a compile
+each) rather than one per batch.
+
 Every sample of a batch must have the same keys.
 """
 from __future__ import annotations
@@ -32,7 +40,25 @@ from torch.utils.data import default_collate
 if TYPE_CHECKING:  # transformers is a heavy import; the tokenizer object brings its own
     from modules.text_encoder import CaptionTokenizer
 
-__all__ = ["Collate", "pad_text_embeddings"]
+__all__ = ["Collate", "SHORTEST_CONTEXT_BUCKET", "bucket_length", "pad_text_embeddings"]
+
+SHORTEST_CONTEXT_BUCKET = 8  # text lengths of training batches: 8, 16, 32, 64, ... or the encoder's L
+
+
+def bucket_length(longest: int, limit: int) -> int:
+    """The length bucket of a batch whose longest caption has ``longest`` tokens: the next power of
+    two from 8 up, at most ``limit`` (never below ``longest``). 77-token CLIP gives 5 buckets."""
+    bucket = SHORTEST_CONTEXT_BUCKET
+    while bucket < longest:
+        bucket *= 2
+    return max(longest, min(bucket, limit))
+
+
+def last_real_position(mask: torch.Tensor) -> int:
+    """1 + the last position that is a real token in some row of ``mask`` (B, L) (a CPU tensor)."""
+    columns = mask.bool().any(dim=0).nonzero()
+    return int(columns[-1]) + 1 if len(columns) else 0
+
 
 
 def pad_text_embeddings(embeddings: Sequence[torch.Tensor], masks: Optional[Sequence[torch.Tensor]] = None
@@ -73,11 +99,15 @@ class Collate:
     Args:
         tokenizer: tokenizes the captions of samples that carry no ``input_ids`` (one call per
             batch, in the worker). None: captions stay text only.
+        context_length: the text encoder's L: cut the batch's text to its length bucket (see the
+            module docstring). None: keep the stored / tokenized length (the latent cache stores
+            every caption at one length).
     Picklable, so it works with any number of workers and any start method.
     """
 
-    def __init__(self, tokenizer: Optional[CaptionTokenizer] = None) -> None:
+    def __init__(self, tokenizer: Optional[CaptionTokenizer] = None, context_length: Optional[int] = None) -> None:
         self.tokenizer = tokenizer
+        self.context_length = context_length
 
     def __call__(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         if not samples:
@@ -110,4 +140,25 @@ class Collate:
             batch["input_ids"] = tokens.input_ids  # (B, L) int64
             batch["attention_mask"] = tokens.attention_mask.bool()  # (B, L)
             batch["num_truncated"] = tokens.num_truncated
+        if self.context_length is not None:
+            self._cut_to_bucket(batch)
         return batch
+
+    def _cut_to_bucket(self, batch: Dict[str, Any]) -> None:
+        """Cut token ids / masks and pad or cut pre-encoded text to the batch's length bucket."""
+        if "attention_mask" in batch:
+            mask = batch["attention_mask"]  # (B, L)
+            length = bucket_length(last_real_position(mask), min(self.context_length, mask.shape[1]))
+            batch["attention_mask"] = mask[:, :length].contiguous()
+            if "input_ids" in batch:
+                batch["input_ids"] = batch["input_ids"][:, :length].contiguous()
+        if "text_embeddings" in batch:
+            hidden, mask = batch["text_embeddings"], batch["text_embeddings_mask"]  # (B, L, D), (B, L)
+            length = bucket_length(last_real_position(mask), self.context_length)
+            if length <= hidden.shape[1]:
+                hidden, mask = hidden[:, :length], mask[:, :length]
+            else:
+                extra = length - hidden.shape[1]
+                hidden = torch.cat([hidden, hidden.new_zeros((hidden.shape[0], extra, hidden.shape[2]))], dim=1)
+                mask = torch.cat([mask, mask.new_zeros((mask.shape[0], extra))], dim=1)
+            batch["text_embeddings"], batch["text_embeddings_mask"] = hidden.contiguous(), mask.contiguous()

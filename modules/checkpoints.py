@@ -37,6 +37,7 @@ class TrainerState:
     skipped_steps: int = 0   # optimizer steps skipped for non-finite fp16 gradients (loss scaling)
     num_processes: int = 0   # the run's shape, for a resume on another one (0: not recorded)
     per_gpu_batch_size: int = 0
+    flops_per_step: int = 0  # one process's model FLOPs per optimizer step, counted in the run's first (0: not yet)
 
     def to_json(self) -> Dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

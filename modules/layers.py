@@ -5,9 +5,12 @@ of a diffusers ``AutoencoderKL`` (and of the UNet's ResNet blocks) map onto ours
 
 - :class:`ResBlock`        <-> ``diffusers.models.resnet.ResnetBlock2D`` (output_scale_factor 1)
 - :class:`Downsample`      <-> ``Downsample2D(use_conv=True)`` (padding 0: VAE, padding 1: UNet)
-- :class:`Upsample`        <-> ``Upsample2D(use_conv=True)`` (run as the equivalent transposed conv)
+- :class:`Upsample`        <-> ``Upsample2D(use_conv=True)`` (on a CPU run as the equivalent transposed conv)
 - :class:`SelfAttention2d` <-> ``Attention`` with group norm and a residual connection (VAE mid block)
 - :func:`timestep_embedding` <-> ``diffusers.models.embeddings.get_timestep_embedding``
+
+:func:`checkpoint_call` runs any of them under activation checkpointing (the autoencoder's
+``gradient_checkpointing``).
 
 The ResNet block is the pre-activation residual unit of He et al. 2016 ("Identity Mappings in
 Deep Residual Networks") with GroupNorm (Wu & He 2018), as used by DDPM (Ho et al. 2020) and
@@ -17,17 +20,21 @@ Latent Diffusion (Rombach et al. 2022).
 from __future__ import annotations
 
 import math
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "TRANSPOSED_UPSAMPLE_MIN_PIXELS",
     "Downsample",
     "ResBlock",
     "SelfAttention2d",
+    "TransposedConvChoice",
     "Upsample",
+    "checkpoint_call",
     "multihead_attention",
     "nearest_upsample_conv_taps",
     "normalization",
@@ -52,6 +59,20 @@ def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.detach().zero_()
     return module
+
+
+def checkpoint_call(module: nn.Module, use_checkpoint: bool, *args: Optional[torch.Tensor]) -> torch.Tensor:
+    """``module(*args)``, or the same under activation checkpointing (Chen et al. 2016, "Training
+    Deep Nets with Sublinear Memory Cost"): only ``args`` are kept for backward and the activations
+    inside ``module`` are recomputed there, trading one more forward of ``module`` for their memory.
+
+    Non-reentrant (``use_reentrant=False``): gradients reach parameters even when no input requires
+    grad, ``torch.autograd.grad`` and ``retain_graph`` work, and the RNG state is replayed, so
+    dropout masks are the same in the recomputation.
+    """
+    if use_checkpoint:
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
 
 
 def timestep_embedding(
@@ -206,6 +227,9 @@ class Downsample(nn.Module):
 # saved multiply-adds (measured on CPU/oneDNN; both forms give the same numbers up to rounding).
 TRANSPOSED_UPSAMPLE_MIN_PIXELS = 64
 
+# How Upsample computes "nearest upsample, then convolve" (see Upsample): "auto" | True | False.
+TransposedConvChoice = Union[bool, Literal["auto"]]
+
 
 def nearest_upsample_conv_taps(kernel_size: int, factor: int, pad_before: int) -> tuple[torch.Tensor, int, int] | None:
     """How "nearest upsampling by ``factor``, then a stride-1 convolution" becomes one transposed convolution.
@@ -241,28 +265,42 @@ class Upsample(nn.Module):
     extra padding column on the right/bottom. ``output_size`` forces the interpolated size (the UNet
     uses it when a skip connection has an odd size).
 
-    Computed as the equivalent transposed convolution (:func:`nearest_upsample_conv_taps`) when the
-    output is exactly ``factor`` times the input and the input has at least
-    ``TRANSPOSED_UPSAMPLE_MIN_PIXELS`` pixels: 2.25x fewer multiply-adds for kernel 3 / factor 2,
-    no 4x-sized intermediate; the same result up to float rounding. The parameters stay those of
-    the convolution (``conv.weight`` (C_out, C, k, k)), so weights load as before.
+    The same map can be computed as one transposed convolution (:func:`nearest_upsample_conv_taps`)
+    when the output is exactly ``factor`` times the input: 2.25x fewer multiply-adds for kernel 3 /
+    factor 2 and no 4x-sized intermediate, the same result up to float rounding. That pays on a CPU
+    (measured with oneDNN) but is unmeasured on GPUs, where cuDNN's plain convolution is the
+    tuned path; ``transposed_conv`` decides:
+
+    - ``"auto"`` (default): the transposed form for CPU tensors of at least
+      ``TRANSPOSED_UPSAMPLE_MIN_PIXELS`` input pixels, the plain one (diffusers') on any other
+      device. Decided per call from ``x.device``, with no host-device sync.
+    - ``True``: the transposed form whenever it gives the output size, on any device and size (to
+      measure it on a GPU).
+    - ``False``: always nearest upsampling, then the convolution.
+
+    Either way the parameters are those of the convolution (``conv.weight`` (C_out, C, k, k)), so
+    weights load the same.
 
     Shapes: (B, C, H, W) -> (B, C_out, H * factor, W * factor). Parameter name ``conv`` as diffusers.
     """
 
-    def __init__(self, channels: int, out_channels: int | None = None, kernel_size: int = 3, factor: int = 2) -> None:
+    def __init__(self, channels: int, out_channels: int | None = None, kernel_size: int = 3, factor: int = 2,
+                 transposed_conv: TransposedConvChoice = "auto") -> None:
         super().__init__()
+        if not (isinstance(transposed_conv, bool) or transposed_conv == "auto"):
+            raise ValueError(f"transposed_conv must be 'auto', True or False, got {transposed_conv!r}")
         out_channels = channels if out_channels is None else out_channels
         self.channels = channels
         self.out_channels = out_channels
         self.factor = factor
+        self.transposed_conv = transposed_conv
         before, after = _same_padding(kernel_size)
         # Symmetric padding goes into the conv (cheaper); only uneven padding needs an explicit F.pad.
         self.pad = None if before == after else (before, after, before, after)
         padding = before if before == after else 0
         self.conv = nn.Conv2d(channels, out_channels, kernel_size=kernel_size, stride=1, padding=padding)
 
-        transposed = nearest_upsample_conv_taps(kernel_size, factor, before)
+        transposed = nearest_upsample_conv_taps(kernel_size, factor, before) if transposed_conv is not False else None
         self.transposed_kernel_size = self.transposed_padding = self.transposed_output_padding = 0
         if transposed is None:
             self.register_buffer("transposed_taps", None, persistent=False)
@@ -274,9 +312,7 @@ class Upsample(nn.Module):
             self.register_buffer("transposed_taps", torch.kron(taps, taps).t().contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        exact = output_size is None or tuple(output_size) == (h * self.factor, w * self.factor)
-        if self.transposed_taps is not None and exact and h * w >= TRANSPOSED_UPSAMPLE_MIN_PIXELS:
+        if self._runs_transposed(x, output_size):
             return F.conv_transpose2d(x, self._transposed_weight(), self.conv.bias, stride=self.factor,
                                       padding=self.transposed_padding, output_padding=self.transposed_output_padding)
         if output_size is None:
@@ -286,6 +322,17 @@ class Upsample(nn.Module):
         if self.pad is not None:
             x = F.pad(x, self.pad, mode="constant", value=0.0)
         return self.conv(x)  # (B, C_out, fH, fW)
+
+    def _runs_transposed(self, x: torch.Tensor, output_size: tuple[int, int] | None) -> bool:
+        """Whether this call takes the transposed-convolution form (see the class docstring)."""
+        h, w = x.shape[-2:]
+        if self.transposed_taps is None:
+            return False
+        if output_size is not None and tuple(output_size) != (h * self.factor, w * self.factor):
+            return False
+        if self.transposed_conv == "auto":
+            return x.device.type == "cpu" and h * w >= TRANSPOSED_UPSAMPLE_MIN_PIXELS
+        return True
 
     def _transposed_weight(self) -> torch.Tensor:
         """conv.weight (C_out, C, k, k) -> the transposed convolution's weight (C, C_out, K_t, K_t)."""

@@ -36,7 +36,7 @@ from modules.errors import UserError
 from modules.latent_cache import vae_moments
 from modules.model_config import LDMConfig, ldm_config_from_dict
 from modules.export import export_safetensors, read_export
-from modules.unet import UNet
+from modules.unet import UNet, trim_padding
 
 __all__ = [
     "CONDITIONINGS",
@@ -194,7 +194,8 @@ class LatentDiffusion:
         cond, uncond = self._unet_inputs(num_images, prompts, negative_prompts, class_labels, device)
         guided = self.conditioning != "none" and guidance_scale != 1.0
         if guided:  # one UNet pass on the doubled batch: [uncond; cond]
-            merged = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
+            merged = _trimmed({key: torch.cat([uncond[key], cond[key]]) for key in cond})
+        cond = _trimmed(cond)
         sampling = build_sampler(self.config.diffusion, sampler, eta, timestep_spacing)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -377,3 +378,13 @@ def load_ldm_export(
         scaling_factor=float(meta["scaling_factor"]), shift_factor=float(shift), conditioning=conditioning,
         img_size=int(meta["img_size"]), class_names=meta.get("class_names"), metadata=meta,
     )
+
+
+def _trimmed(unet_inputs: Dict[str, Any]) -> Dict[str, Any]:
+    """The UNet's keywords with the text context cut to its longest caption (:func:`modules.unet.trim_padding`):
+    once per batch here, one host read of the mask, rather than in each of the sampler's UNet calls."""
+    if "context" not in unet_inputs:
+        return unet_inputs
+    context, mask = trim_padding(unet_inputs["context"], unet_inputs["context_mask"])
+    return {**unet_inputs, "context": context, "context_mask": mask}
+

@@ -12,7 +12,11 @@ share, written once:
   schedule and the average); skipped steps are counted (``skipped_steps`` in the logs);
 - logging every ``logging_steps`` and at the last step: the means of the step function's detached
   logs over the window, gathered over processes in one host sync, plus the LR each optimizer used,
-  gradient norms, images/s, epoch;
+  gradient norms, epoch, and speed: ``images_per_second`` (all processes), ``tflops`` (model
+  FLOP/s of one device, in TFLOP/s) and ``mfu`` (``tflops`` over ``peak_tflops``). The model FLOPs
+  of a step (forward and backward of every network the step function runs, counted by
+  ``torch.utils.flop_counter``: matmuls, convolutions, attention) are counted once, in the first
+  optimizer step of a fresh run, and kept in the checkpoints;
 - validation / sample grids every ``validate_every`` steps and at the last step;
 - checkpoints every ``checkpoint_every`` steps, at the last step and at ``--stop_after_steps``;
 - the data position (epoch, micro-batches consumed) for an exact resume mid-epoch;
@@ -24,6 +28,7 @@ The epoch reaches DataLoader workers through the sampler's ``(epoch, index)`` ke
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -83,8 +88,10 @@ class LoopConfig:
     """Cadences and sizes of a run (all counted in optimizer steps).
 
     images_per_step: images (or triplets) per optimizer step over all processes and micro-batches,
-    for the images/s figure. per_gpu_batch_size: one process's micro-batch (recorded in checkpoints). stop_after_steps: checkpoint and stop after this many steps of this
-    invocation (``--stop_after_steps``). validate_every: None for no periodic validation.
+    for the images/s figure. per_gpu_batch_size: one process's micro-batch (recorded in checkpoints).
+    stop_after_steps: checkpoint and stop after this many steps of this invocation
+    (``--stop_after_steps``). validate_every: None for no periodic validation. peak_tflops: one
+    device's peak (TFLOP/s) for the MFU figure; None: MFU is not logged (``tflops`` still is).
     """
 
     total_steps: int
@@ -96,6 +103,7 @@ class LoopConfig:
     stop_after_steps: Optional[int] = None
     desc: str = "train"
     plot_keys: Sequence[str] = ("loss", "lr")
+    peak_tflops: Optional[float] = None
 
 
 # training_args keys that every YAML-configured trainer has, with one meaning (README: "one loop").
@@ -131,6 +139,7 @@ def check_loop_keys(args: Any) -> None:
         raise ValueError(f"ema_decay must be in [0, 1], got {args.ema_decay}")
     if isinstance(args.mixed_precision, bool):
         args.mixed_precision = "auto" if args.mixed_precision else "no"
+    args.check_speed_keys()
 
 
 class _Window:
@@ -215,8 +224,15 @@ def train_loop(
     """
     from accelerate import skip_first_batches
 
+    from torch.utils.flop_counter import FlopCounterMode
+
     cfg = config
     check_resume_shape(accelerator, state, cfg.per_gpu_batch_size)
+    # One process's model FLOPs per optimizer step: counted in the first step of a fresh run and kept in
+    # the checkpoints, so that a resumed run does not count again (it would not be bit-identical:
+    # counting runs the step's ops through a dispatch mode).
+    flop_counter, flops_per_step = FlopCounterMode(display=False), state.flops_per_step or None
+    counted_flops = 0
     window = _Window()
     bar = progress_bar(accelerator, cfg.total_steps, initial=state.step, desc=cfg.desc)
     steps_this_run, train_seconds, timed_steps = 0, 0.0, 0
@@ -235,10 +251,21 @@ def train_loop(
             batches = skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
             for batch in batches:
                 state.batch_in_epoch += 1
+                counting = flops_per_step is None  # the run's first optimizer step: count its FLOPs
                 with accelerator.accumulate(*models):
-                    for item in step_fn(batch, state.step):
+                    # Forward (the step function up to each yield) and backward are counted; the
+                    # clipping and optimizer steps are not model FLOPs.
+                    items = iter(step_fn(batch, state.step))
+                    while True:
+                        with flop_counter if counting else contextlib.nullcontext():
+                            item = next(items, None)
+                            if item is not None:
+                                accelerator.backward(item.loss)
+                        if counting:
+                            counted_flops += flop_counter.get_total_flops()  # the counter restarts at each `with`
+                        if item is None:
+                            break
                         update = item.update
-                        accelerator.backward(item.loss)
                         if accelerator.sync_gradients and update.max_grad_norm is not None:
                             window.add({update.key("grad_norm"): clip_gradients(accelerator, update)})
                         stepped[id(update)] = (update, optimizer_step(accelerator, update))
@@ -246,6 +273,11 @@ def train_loop(
                         window.add(item.logs)
                 if not accelerator.sync_gradients:
                     continue
+                if counting:
+                    flops_per_step = state.flops_per_step = counted_flops
+                    logger.info("model FLOPs per optimizer step: %.4g TFLOP per process (%.4g GFLOP per image)",
+                                flops_per_step / 1e12,
+                                flops_per_step * accelerator.num_processes / cfg.images_per_step / 1e9)
 
                 # -- one optimizer step done ------------------------------------------------
                 skipped = False
@@ -276,9 +308,12 @@ def train_loop(
                     means.update(lrs)
                     means["epoch"] = state.epoch
                     means["skipped_steps"] = state.skipped_steps
-                    means["images_per_second"] = cfg.images_per_step * timed_steps / max(train_seconds, 1e-9)
+                    means.update(speed(cfg, flops_per_step, timed_steps, train_seconds))
                     metrics_log.log(means, state.step)
                     shown = {k: f"{means[k]:.4f}" for k in ("loss", "total", "rec") if k in means}
+                    shown["img/s"] = f"{means['images_per_second']:.4g}"
+                    if "mfu" in means:
+                        shown["mfu"] = f"{means['mfu']:.1%}"
                     bar.set_postfix(**shown, epoch=state.epoch)
                     window, train_seconds, timed_steps = _Window(), 0.0, 0
                 if validate is not None and (finished or (cfg.validate_every and state.step % cfg.validate_every == 0)):
@@ -308,12 +343,27 @@ def train_loop(
     return not stopping
 
 
+SPEED_KEYS = ("images_per_second", "tflops", "mfu")  # the logged keys that are measured time, not the run's numbers
+
+
+def speed(cfg: LoopConfig, flops_per_step: Optional[int], steps: int, seconds: float) -> Dict[str, float]:
+    """images/s of all processes; model TFLOP/s of one device and its MFU (when the peak is known)."""
+    seconds = max(seconds, 1e-9)
+    out = {"images_per_second": cfg.images_per_step * steps / seconds}
+    if flops_per_step:
+        out["tflops"] = flops_per_step * steps / seconds / 1e12
+        if cfg.peak_tflops:
+            out["mfu"] = out["tflops"] / cfg.peak_tflops
+    return out
+
+
 def check_resume_shape(accelerator, state: TrainerState, per_gpu_batch_size: int) -> None:
     """Record the number of processes and the micro-batch size in ``state`` (checkpoints store them);
     a checkpoint made with others resumes, but not at exactly the same sample: say so."""
     saved = (state.num_processes, state.per_gpu_batch_size)
     now = (accelerator.num_processes, per_gpu_batch_size)
     if state.step > 0 and saved != (0, 0) and saved != now:
+        state.flops_per_step = 0  # another micro-batch per process: counted again
         logger.warning("resuming a checkpoint made with %d process(es) x %d images per micro-batch on %d x %d: "
                        "training continues, but the data position of the epoch (and so the exact samples) differs "
                        "from an uninterrupted run", *saved, *now)

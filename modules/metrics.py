@@ -13,6 +13,30 @@ logger = logging.getLogger("ldm")
 
 WANDB_ID_FILE = "wandb_run_id.txt"
 
+# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' data sheets, by a substring
+# of torch.cuda.get_device_name(). The first match wins, so longer names come first. For MFU
+# (model FLOPs utilisation, Chowdhery et al. 2022): achieved model FLOP/s over this peak. The
+# rate a card really sustains is lower (an H100 SXM's large bf16 matmuls reach ~790 of its 989);
+# set ``peak_tflops`` to your own measurement to compare against that instead.
+BF16_PEAK_TFLOPS = (
+    ("H200", 989.0), ("GH200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+    ("H800", 989.0), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0),
+    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A6000", 155.0), ("A40", 150.0), ("A10G", 70.0),
+    ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0),
+)
+
+
+def device_peak_tflops(device) -> Optional[float]:
+    """The known dense bf16 (fp16 on cards without bf16: V100, T4) peak of a CUDA ``device`` in
+    TFLOP/s, or None (a CPU, an unknown card)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
+
 
 def wandb_run_id(run_dir: Path, is_main_process: bool, resumed: bool) -> str:
     """The id of this run folder's wandb run: a resumed run reads it from ``<run>/wandb_run_id.txt``

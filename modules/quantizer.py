@@ -109,7 +109,8 @@ class VectorQuantizer(nn.Module):
         ``all_reduce_sum(t)`` must return the sum of ``t`` over processes; ``broadcast_from_main(t)``
         must return rank 0's ``t`` on every process. Both take and return tensors of equal shape.
         A broadcast needs the reduce as well: only global counts make every rank restart the same
-        number of codes, so that the broadcast shapes agree.
+        codes. The broadcast runs every training step (the (K, D) candidates, whether or not a code
+        died), so that no rank has to read the dead count on the host.
         """
         if broadcast_from_main is not None and all_reduce_sum is None:
             raise ValueError("broadcast_from_main needs all_reduce_sum, or ranks may disagree on the dead codes")
@@ -155,7 +156,8 @@ class VectorQuantizer(nn.Module):
         counts = torch.bincount(indices, minlength=self.codebook_size).to(self.usage_history.dtype)  # (K,)
         if self._all_reduce_sum is not None:
             counts = self._all_reduce_sum(counts)
-        self.usage_history[self.history_index] = counts
+        # index_copy_ with the index tensor: indexing by a 0-dim tensor would read it on the host
+        self.usage_history.index_copy_(0, self.history_index.view(1), counts[None])
         self.history_index.copy_((self.history_index + 1) % self.usage_window)
         used = counts >= self.dead_code_threshold
         self.steps_since_used.add_(1).masked_fill_(used, 0)
@@ -167,20 +169,25 @@ class VectorQuantizer(nn.Module):
         return (counts > 0).float().mean(), perplexity
 
     @torch.no_grad()
-    def _restart_dead_codes(self, z_flat: torch.Tensor) -> int:
-        """Re-initialise codes unused for ``dead_code_restart_steps`` steps from rows of ``z_flat`` (N, D)."""
+    def _restart_dead_codes(self, z_flat: torch.Tensor) -> torch.Tensor:
+        """Re-initialise codes unused for ``dead_code_restart_steps`` steps from rows of ``z_flat`` (N, D);
+        returns how many (a 0-dim device tensor).
+
+        Without a host sync: a candidate row is drawn for every code and only the dead codes take
+        theirs (a ``where`` over the (K, D) codebook), so nothing waits to learn how many are dead.
+        The dead set comes from the summed usage counts, so it is the same on every rank; the
+        candidates are rank 0's.
+        """
         dead = self.steps_since_used >= self.dead_code_restart_steps  # (K,) bool, same on every rank
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return 0
         # Drawn with the torch RNG on z's device: reproducible under a fixed seed.
-        pick = torch.randint(0, z_flat.shape[0], (n_dead,), device=z_flat.device)
-        new_codes = z_flat[pick].to(self.embedding.weight.dtype)  # (n_dead, D)
+        pick = torch.randint(0, z_flat.shape[0], (self.codebook_size,), device=z_flat.device)  # (K,)
+        candidates = z_flat[pick].to(self.embedding.weight.dtype)  # (K, D)
         if self._broadcast_from_main is not None:
-            new_codes = self._broadcast_from_main(new_codes.contiguous())
-        self.embedding.weight[dead] = new_codes
-        self.steps_since_used[dead] = 0
-        return n_dead
+            candidates = self._broadcast_from_main(candidates.contiguous())
+        weight = self.embedding.weight
+        weight.copy_(torch.where(dead[:, None], candidates, weight))
+        self.steps_since_used.masked_fill_(dead, 0)
+        return dead.sum()
 
     # ----------------------------------------------------------------------------------- forward
     def forward(self, z_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -205,7 +212,7 @@ class VectorQuantizer(nn.Module):
         if self.l2_normalize:
             z = F.normalize(z, dim=-1)
 
-        restarted = 0
+        restarted = torch.zeros((), dtype=torch.long, device=z_e.device)
         if self.training and self.dead_code_restart_steps > 0:
             # Before the lookup, so the codebook is not modified after autograd has used it.
             restarted = self._restart_dead_codes(z.detach())
@@ -230,7 +237,7 @@ class VectorQuantizer(nn.Module):
             "vq_perplexity": _perplexity(batch_counts),
             "vq_window_perplexity": window_perplexity,
             "vq_window_usage": window_usage,
-            "vq_restarted_codes": torch.tensor(float(restarted), device=z_e.device),
+            "vq_restarted_codes": restarted.float(),
         }
         return z_q, loss, logs
 

@@ -5,7 +5,9 @@ states of the frozen CLIP ViT-L/14 text transformer (Radford et al. 2021): 77 to
 that the UNet's cross-attention layers attend to. :class:`TextEncoder` wraps a Hugging Face
 ``CLIPTokenizer`` + ``CLIPTextModel`` loaded by hub name (``openai/clip-vit-large-patch14``) or
 from a local folder, frozen (the default) or trainable, and returns the hidden states together
-with the boolean padding mask, so padded positions can be masked out of cross-attention.
+with the boolean padding mask, so padded positions can be masked out of cross-attention. A
+trained encoder can recompute its layers' activations in backward (``gradient_checkpointing``)
+to fit larger batches.
 
 Tokenization lives in :class:`CaptionTokenizer`, a small picklable object (one tokenizer call
 per batch) that DataLoader workers can run too: ``TextEncoder.caption_tokenizer``.
@@ -118,9 +120,14 @@ class TextEncoder(nn.Module):
         trainable: False (default): ``eval()``, ``requires_grad_(False)``, forward under no_grad,
             as the frozen text encoder of Stable Diffusion. True: gradients flow into it.
         dtype: parameter dtype (bfloat16 halves the memory of a frozen encoder).
+        gradient_checkpointing: with ``trainable``, run every transformer layer under non-reentrant
+            activation checkpointing (Hugging Face's own, per ``CLIPEncoderLayer``): its activations
+            are recomputed in backward instead of stored; it acts in training mode only. A frozen
+            encoder runs under no_grad and stores nothing, so there it changes nothing.
 
     Attributes: ``tokenizer``, ``model``, ``hidden_size`` (D), ``max_length`` (L, 77 for CLIP),
-    ``caption_tokenizer`` (a picklable :class:`CaptionTokenizer` of the two, for DataLoader workers).
+    ``caption_tokenizer`` (a picklable :class:`CaptionTokenizer` of the two, for DataLoader workers),
+    ``gradient_checkpointing`` (whether it is on: asked for and trainable).
     """
 
     def __init__(
@@ -130,6 +137,7 @@ class TextEncoder(nn.Module):
         local_files_only: bool = False,
         trainable: bool = False,
         dtype: torch.dtype = torch.float32,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         name = str(name_or_path)
@@ -162,6 +170,9 @@ class TextEncoder(nn.Module):
         self.max_length: int = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
         self.caption_tokenizer = CaptionTokenizer(self.tokenizer, self.max_length)
         self.model.requires_grad_(trainable)
+        self.gradient_checkpointing = gradient_checkpointing and trainable
+        if self.gradient_checkpointing:
+            _enable_checkpointing(self.model)
         self.train(trainable)
 
     def train(self, mode: bool = True) -> "TextEncoder":
@@ -201,7 +212,10 @@ class TextEncoder(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(device)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask.long()).last_hidden_state  # (B, L, D)
+            # The mask is not passed: the causal mask alone gives the real tokens the same states
+            # (padding comes after them), and transformers would read the padding mask on the host
+            # (to see if it can be dropped) at every call, a device sync in every training step.
+            hidden = self.model(input_ids=input_ids).last_hidden_state  # (B, L, D)
         return hidden, attention_mask.bool()
 
     def forward(self, captions_or_ids: Union[Sequence[str], torch.Tensor],
@@ -247,6 +261,18 @@ class TextEncoder(nn.Module):
             )
         device = self.model.device
         return hidden_states.to(device), attention_mask.to(device).bool()
+
+
+def _enable_checkpointing(model: CLIPTextModel) -> None:
+    """Non-reentrant activation checkpointing of every transformer layer of a Hugging Face model:
+    ``activation_checkpointing_enable`` where transformers has it (it deprecates the older
+    ``gradient_checkpointing_enable`` alias), else ``gradient_checkpointing_enable``."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # ----------------------------------------------------------------------------------------

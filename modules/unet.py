@@ -227,9 +227,10 @@ def key_padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     whenever the row has one real key, and a row with none attends uniformly instead of turning
     into NaN as a -inf bias would.
     """
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    bias = bias.masked_fill(~mask.bool(), torch.finfo(dtype).min)  # (B, L)
-    return bias[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
+    keys = mask.bool().unflatten(1, (1, 1, -1))  # (B, 1, 1, L): broadcast over heads and queries
+    # Built in its 4-d shape: indexing a (B, L) bias with [:, None, None, :] makes torch.compile's
+    # inductor fail on a varying caption length L ("cannot determine truth value of 1 < L").
+    return torch.zeros(keys.shape, dtype=dtype, device=mask.device).masked_fill(~keys, torch.finfo(dtype).min)
 
 
 def trim_padding(
@@ -242,7 +243,12 @@ def trim_padding(
     cross-attention then projects and attends to the longest caption of the batch only. When every
     remaining position is real the mask is dropped (SDPA then takes its unmasked path). A row with no
     real token at all keeps the whole, untrimmed context (it attends uniformly, see
-    :func:`key_padding_bias`). One host sync per forward for the length.
+    :func:`key_padding_bias`).
+
+    The UNet does not call it: finding the length reads the mask on the host, a sync that would
+    stall every training step. Training batches arrive cut to a length bucket by
+    :class:`modules.batching.Collate` (on the CPU, in the workers); generation calls this once per
+    batch of prompts, before the sampling loop.
 
     Shapes: context (B, L, D), context_mask (B, L) bool or None -> (B, L', D), (B, L') or None.
     """
@@ -659,7 +665,7 @@ class UNet(nn.Module):
         if self.class_embed is not None:
             emb = emb + self.class_embed(class_labels)  # (B, time_embed_proj_dim)
         if context is not None:
-            context, context_mask = trim_padding(context.to(dtype), context_mask)
+            context = context.to(dtype)  # used at its length: callers trim padding (see trim_padding)
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
         h = self.conv_in(x.to(dtype))  # (B, C0, H, W)

@@ -3,6 +3,7 @@
 Tiny sizes throughout: every test runs in well under a second on a CPU.
 """
 
+import copy
 import json
 
 import pytest
@@ -25,10 +26,13 @@ from modules.autoencoder import (
     load_diffusers_vae,
     load_vae_state_dict_strict,
 )
+from modules.config import from_dict
+from modules.discriminator import NLayerDiscriminator
 from modules.errors import UserError
 from modules.layers import (TRANSPOSED_UPSAMPLE_MIN_PIXELS, Downsample, ResBlock, SelfAttention2d, Upsample,
                             nearest_upsample_conv_taps, timestep_embedding, zero_module)
 from modules.quantizer import VectorQuantizer
+from modules.vae_io import load_vae, save_vae_export
 
 TOL = 1e-4
 
@@ -127,6 +131,44 @@ def test_upsample_as_transposed_convolution_equals_interpolate_then_conv(kernel,
     # A forced output size other than factor x input (the UNet's odd skips) takes the literal path.
     odd = up(x, output_size=(9 * factor - 1, 8 * factor - 1))
     assert odd.shape == (2, 6, 9 * factor - 1, 8 * factor - 1)
+
+
+def test_upsample_transposed_conv_choice_same_results_and_when_it_applies(monkeypatch):
+    # "auto": the transposed form on CPU tensors of >= TRANSPOSED_UPSAMPLE_MIN_PIXELS pixels only;
+    # True: always; False: never. All three give the same output and gradients.
+    torch.manual_seed(0)
+    choices = ("auto", True, False)
+    ups = {choice: Upsample(5, 6, transposed_conv=choice) for choice in choices}
+    perturb_(ups[False], scale=0.2)
+    for choice in ("auto", True):
+        ups[choice].load_state_dict(ups[False].state_dict())
+    assert ups[False].transposed_taps is None
+    transposed_calls = []
+    real_transposed = F.conv_transpose2d
+    monkeypatch.setattr(F, "conv_transpose2d", lambda *a, **k: transposed_calls.append(1) or real_transposed(*a, **k))
+    for h, w in ((9, 8), (4, 4)):  # 72 and 16 input pixels, either side of the threshold
+        x = torch.randn(2, 5, h, w)
+        results, took_transposed = {}, {}
+        for choice in choices:
+            transposed_calls.clear()
+            xi = x.clone().requires_grad_(True)
+            out = ups[choice](xi)
+            params = [xi, ups[choice].conv.weight, ups[choice].conv.bias]
+            results[choice] = (out, torch.autograd.grad(out, params, torch.ones_like(out) + out.detach()))
+            took_transposed[choice] = bool(transposed_calls)
+        big = h * w >= TRANSPOSED_UPSAMPLE_MIN_PIXELS
+        assert took_transposed == {"auto": big, True: True, False: False}
+        for choice in ("auto", True):
+            torch.testing.assert_close(results[choice][0], results[False][0], rtol=1e-5, atol=1e-5)
+            for a, b in zip(results[choice][1], results[False][1]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    # "auto" on any other device runs diffusers' form: decided from x.device (meta: shapes only).
+    transposed_calls.clear()
+    meta = Upsample(5, 6).to("meta")
+    assert meta(torch.empty(2, 5, 9, 8, device="meta")).shape == (2, 6, 18, 16)
+    assert not transposed_calls
+    with pytest.raises(ValueError, match="transposed_conv"):
+        Upsample(5, transposed_conv="yes")
 
 
 def test_upsample_transposed_taps_for_kernel_3_factor_2():
@@ -327,6 +369,13 @@ def test_vae_config_validation_names_the_key():
         VAEConfig(img_size=20, vae_channels_per_block=[32, 32, 32, 32])
     with pytest.raises(UserError, match="vae.vae_up_down_kernel_size"):
         small_config(vae_up_down_kernel_size=1)
+    with pytest.raises(UserError, match="vae.upsample_transposed_conv"):
+        small_config(upsample_transposed_conv="always")
+    # From YAML: "auto", true and false; anything else names the key.
+    for value in ("auto", True, False):
+        assert from_dict(VAEConfig, {"upsample_transposed_conv": value}).upsample_transposed_conv == value
+    with pytest.raises(UserError, match="upsample_transposed_conv"):
+        from_dict(VAEConfig, {"upsample_transposed_conv": 1}, prefix="vae.")
 
 
 # ---------------------------------------------------------------------------------- quantizer
@@ -437,7 +486,7 @@ def test_vq_dead_code_restart_is_deterministic_and_uses_hooks():
     assert torch.equal(q.embedding.weight, q_again.embedding.weight)  # same seed, same restart
 
     q_h, z_h, logs_h, calls, _ = run(0, hooks=True)
-    assert calls == {"reduce": 3, "broadcast": 1}
+    assert calls == {"reduce": 3, "broadcast": 3}  # candidates every step: no host sync to learn if any code died
     torch.testing.assert_close(q_h.embedding.weight[1:], q.embedding.weight[1:] + 10.0)
 
 
@@ -494,3 +543,173 @@ def test_strict_loading_detects_vq_kl_confusion():
         load_vae_state_dict_strict(kl, no_codebook, "vq2.safetensors")
     with pytest.raises(UserError, match="KL-VAE weights.*quantize: true"):
         load_vae_state_dict_strict(VQModel(small_config(quantize=True)), kl.state_dict(), "kl.safetensors")
+
+
+# ---------------------------------------------------------------------- gradient checkpointing
+CHECKPOINTED_LAYERS = (ResBlock, SelfAttention2d, Downsample, Upsample)
+
+
+def count_layer_calls(model: torch.nn.Module) -> list:
+    """A list that grows by one per forward of any encoder/decoder layer. Forward *pre*-hooks: a
+    recomputation stops once backward has what it needs (torch's early stop), before the post-hooks."""
+    calls: list = []
+    for module in model.modules():
+        if isinstance(module, CHECKPOINTED_LAYERS):
+            module.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def vae_step(model, x: torch.Tensor, seed: int):
+    """One stage-1-like step: recon + regulariser, the gradient w.r.t. the last decoder layer that
+    the adaptive GAN weight takes (retain_graph), then backward. Returns (recon, that gradient, grads)."""
+    torch.manual_seed(seed)
+    if isinstance(model, VQModel):
+        recon, reg, _ = model(x)
+    else:
+        recon, posterior = model(x, generator=torch.Generator().manual_seed(seed))
+        reg = posterior.kl().mean()
+    loss = recon.square().mean() + 1e-3 * reg
+    (last_grad,) = torch.autograd.grad(loss, model.last_decoder_layer_weight, retain_graph=True)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return recon.detach(), last_grad, grads
+
+
+def assert_same_step(got, expected, atol: float, rtol: float) -> None:
+    torch.testing.assert_close(got[0], expected[0], atol=atol, rtol=rtol)
+    torch.testing.assert_close(got[1], expected[1], atol=atol, rtol=rtol)
+    assert got[2].keys() == expected[2].keys()
+    for name, grad in expected[2].items():
+        torch.testing.assert_close(got[2][name], grad, atol=atol, rtol=rtol, msg=name)
+    assert any(g.abs().max() > 0 for g in expected[2].values())
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_gradient_checkpointing_same_outputs_and_gradients_and_recomputes(quantize):
+    config = dict(quantize=quantize, dropout=0.1)  # dropout: the recomputation must replay the masks
+    torch.manual_seed(0)
+    plain = build_autoencoder(small_config(**config)).train()
+    perturb_(plain)
+    ckpt = build_autoencoder(small_config(**config, gradient_checkpointing=True)).train()
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.encoder.gradient_checkpointing and ckpt.decoder.gradient_checkpointing
+    num_layers = sum(isinstance(m, CHECKPOINTED_LAYERS) for m in plain.modules())
+    # encoder levels (ResBlock + Downsample, ResBlock), 2 mid blocks (2 ResBlocks + attention), decoder levels
+    assert num_layers == (1 + 1 + 1) + 3 + 3 + (2 + 1 + 2)
+    calls_plain, calls_ckpt = count_layer_calls(plain), count_layer_calls(ckpt)
+    quantizer_calls = []
+    ckpt_quantize = getattr(ckpt, "quantize", None)
+    if ckpt_quantize is not None:
+        ckpt_quantize.register_forward_pre_hook(lambda *_: quantizer_calls.append(1))
+
+    x = torch.randn(2, 3, 16, 16)
+    expected, got = vae_step(plain, x, seed=5), vae_step(ckpt, x, seed=5)
+    assert_same_step(got, expected, atol=1e-6, rtol=1e-5)
+    # Every layer ran once more, in backward; the stateful quantizer (usage counts) only once.
+    assert len(calls_plain) == num_layers and len(calls_ckpt) == 2 * num_layers
+    if quantize:
+        assert quantizer_calls == [1]
+        for name, buffer in plain.quantize.named_buffers():
+            assert torch.equal(getattr(ckpt.quantize, name), buffer), name
+
+    # Checkpointed, the forward keeps only the layers' inputs for backward: far fewer saved bytes.
+    def saved_bytes(model) -> int:
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            vae_step(model, x, seed=5)
+        return total
+
+    assert saved_bytes(ckpt) < 0.5 * saved_bytes(plain)
+
+    # Not in eval mode, nor without grad: one forward per layer.
+    calls_ckpt.clear()
+    with torch.no_grad():
+        ckpt(x)
+    ckpt.eval()
+    vae_step(ckpt, x, seed=5)
+    assert len(calls_ckpt) == 2 * num_layers
+
+
+def test_vae_export_round_trips_checkpointing_and_upsample_choice(tmp_path):
+    config = small_config(gradient_checkpointing=True, upsample_transposed_conv=False)
+    model = build_autoencoder(config)
+    upsamplers = [m for m in model.modules() if isinstance(m, Upsample)]
+    assert upsamplers and all(up.transposed_conv is False and up.transposed_taps is None for up in upsamplers)
+    path = save_vae_export(model, config, tmp_path / "vae.safetensors")
+    loaded, loaded_config, _ = load_vae(path)
+    assert loaded_config == config
+    assert loaded_config.gradient_checkpointing is True and loaded_config.upsample_transposed_conv is False
+    assert loaded.encoder.gradient_checkpointing and loaded.decoder.gradient_checkpointing
+    assert all(m.transposed_conv is False for m in loaded.modules() if isinstance(m, Upsample))
+    # Exports written before these keys existed load with the defaults.
+    old = {k: v for k, v in vars(config).items() if k not in ("gradient_checkpointing", "upsample_transposed_conv")}
+    defaults = from_dict(VAEConfig, old)
+    assert defaults.gradient_checkpointing is False and defaults.upsample_transposed_conv == "auto"
+
+
+# ------------------------------------------------------------------------------ channels_last
+def non_channels_last_outputs(modules) -> list:
+    """Hooks recording every 4-D module output that is not in channels_last memory format."""
+    found: list = []
+
+    def hook(module, _inputs, output):
+        if isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[1] > 1 and output.shape[-2:].numel() > 1:
+            if not output.is_contiguous(memory_format=torch.channels_last):
+                found.append(type(module).__name__)
+
+    for module in modules:
+        module.register_forward_hook(hook)
+    return found
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_vae_channels_last_same_results_without_copies_back(quantize):
+    # The trainer's channels_last: model.to(memory_format=channels_last), channels_last images.
+    torch.manual_seed(0)
+    dense = build_autoencoder(small_config(quantize=quantize)).train()
+    perturb_(dense)
+    nhwc = copy.deepcopy(dense).to(memory_format=torch.channels_last)
+    assert nhwc.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    # Every encoder/decoder activation stays channels_last (no silent copy back to NCHW).
+    # The transposed-convolution Upsample (CPU) and the plain one are both covered: 8x8 -> 16x16
+    # takes the transposed form, and a config with upsample_transposed_conv false the plain one.
+    copies = non_channels_last_outputs(list(nhwc.encoder.modules()) + list(nhwc.decoder.modules()))
+    x = torch.randn(2, 3, 16, 16)
+    expected = vae_step(dense, x, seed=3)
+    got = vae_step(nhwc, x.contiguous(memory_format=torch.channels_last), seed=3)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert copies == []
+    assert_same_step(got, expected, atol=1e-5, rtol=1e-4)
+
+    plain_up = build_autoencoder(small_config(quantize=quantize, upsample_transposed_conv=False))
+    plain_up.load_state_dict(dense.state_dict())
+    plain_up = plain_up.train().to(memory_format=torch.channels_last)
+    copies = non_channels_last_outputs(plain_up.decoder.modules())
+    got_plain = vae_step(plain_up, x.contiguous(memory_format=torch.channels_last), seed=3)
+    assert copies == []
+    assert_same_step(got_plain, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_discriminator_channels_last_same_results():
+    torch.manual_seed(0)
+    dense = NLayerDiscriminator(in_channels=3, start_channels=8, depth=3).train()
+    nhwc = copy.deepcopy(dense).to(memory_format=torch.channels_last)
+    copies = non_channels_last_outputs(nhwc.modules())
+    x = torch.randn(4, 3, 64, 64)
+    results = []
+    for model, images in ((dense, x), (nhwc, x.contiguous(memory_format=torch.channels_last))):
+        logits = model(images)  # (4, 1, 6, 6)
+        logits.square().mean().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()},
+                        {n: b.clone() for n, b in model.named_buffers()}))
+    assert copies == []
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+    for i in (1, 2):  # gradients, then BatchNorm running statistics
+        for name, value in results[0][i].items():
+            torch.testing.assert_close(results[1][i][name], value, atol=1e-5, rtol=1e-4, msg=name)

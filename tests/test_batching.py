@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from modules.batching import Collate, pad_text_embeddings
+from modules.batching import Collate, bucket_length, pad_text_embeddings
 from modules.text_encoder import CaptionTokenizer, TextEncoder, build_tiny_clip
 
 CAPTIONS = ["a red circle on a blue background", "a green square", ""]
@@ -120,3 +120,34 @@ def test_collate_pickles_through_spawned_workers(tokenizer):
     assert torch.equal(batches[0]["input_ids"], tokenizer(CAPTIONS).input_ids)
     assert batches[1]["text_embeddings"].shape == (3, 6, 4) and batches[1]["text_embeddings"].dtype == torch.bfloat16
     assert batches[1]["text_embeddings_mask"].sum(dim=1).tolist() == [4, 5, 6]
+
+
+def test_bucket_lengths_are_powers_of_two_from_8_up_to_the_encoders_length():
+    assert [bucket_length(n, 77) for n in (1, 2, 8, 9, 16, 17, 33, 64, 65, 77)] == [8, 8, 8, 16, 16, 32, 64, 64, 77, 77]
+    assert len({bucket_length(n, 77) for n in range(1, 78)}) == 5
+    assert bucket_length(5, 6) == 6 and bucket_length(13, 12) == 13  # capped, never shorter than the caption
+
+
+def test_training_batches_are_cut_to_their_length_bucket(tokenizer):
+    """With context_length, token ids and masks are cut to the bucket of the batch's longest caption
+    (every real token kept, the same ids as the full-length batch), and pre-encoded text is padded
+    or cut to its bucket; without it (the latent cache) the full length stays."""
+    samples = [{"caption": c} for c in CAPTIONS[1:]]  # 5 and 2 tokens
+    full = Collate(tokenizer)(samples)
+    cut = Collate(tokenizer, context_length=tokenizer.max_length)(samples)
+    longest = int(full["attention_mask"].sum(dim=1).max())
+    assert full["input_ids"].shape[1] == 12 and cut["input_ids"].shape[1] == bucket_length(longest, 12) == 8
+    assert torch.equal(cut["input_ids"], full["input_ids"][:, :8]) and torch.equal(cut["attention_mask"],
+                                                                                     full["attention_mask"][:, :8])
+    assert cut["attention_mask"].sum() == full["attention_mask"].sum()
+    assert cut["input_ids"].is_contiguous()
+    longer = Collate(tokenizer, context_length=tokenizer.max_length)([{"caption": c} for c in CAPTIONS])
+    assert longer["input_ids"].shape[1] == 12  # a 9-token caption: bucket 16, capped at the encoder's 12
+
+    embedded = [{"text_embeddings": torch.randn(n, 4).half()} for n in (3, 9)]
+    padded = Collate(context_length=77)(embedded)
+    assert padded["text_embeddings"].shape == (2, 16, 4) and padded["text_embeddings"].dtype == torch.float16
+    assert padded["text_embeddings_mask"].sum(dim=1).tolist() == [3, 9]
+    assert torch.equal(padded["text_embeddings"][1, :9], embedded[1]["text_embeddings"])
+    assert not padded["text_embeddings"][:, 9:].any()
+    assert Collate()(embedded)["text_embeddings"].shape == (2, 9, 4)

@@ -26,6 +26,7 @@ import torchvision
 from conftest import OFFLINE_ENV, REPO_ROOT
 from modules.bapps import TWOAFC_CATEGORIES, TwoAFCDataset, write_synthetic_bapps
 from modules.lpips import LPIPS, load_lpips_export, two_afc_score
+from modules.loop import SPEED_KEYS
 
 TRAINER = REPO_ROOT / "stage0_lpips_trainer.py"
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -281,7 +282,7 @@ def test_resume_after_epoch_one_equals_uninterrupted_run(uninterrupted, tiny_tre
     # only the measured speed differs.
     def curve(w):
         records = [json.loads(line) for line in (w / "LPIPSTrainer" / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k != "images_per_second"} for r in records]
+        return [{k: v for k, v in r.items() if k not in SPEED_KEYS} for r in records]
     assert curve(work) == curve(full_work) and len(curve(work)) == 5
 
 

@@ -387,3 +387,69 @@ def test_lpips_weight_zero_needs_no_lpips_checkpoint(tmp_path, assets, fresh_log
     rows = records(tmp_path / "work" / "VAETrainer")
     assert [r["step"] for r in rows if "val_psnr" in r] == [3]  # the last step is always validated
     assert not any("lpips" in r or "val_lpips" in r for r in rows)
+
+
+# ---- no host syncs in the step --------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["kl", "vq"])
+def test_training_step_reads_nothing_back_to_the_host(tmp_path, assets, fresh_log_handler, model):
+    """A step from the GAN on (disc_start 0), with workers: nothing of the VAE, LPIPS, discriminator,
+    adaptive weight, loss logs or (VQ) dead-code restarts is read on the host. Logs are read once,
+    at the logging step (here the last), checkpoints and grids at the end (tests/host_syncs.py)."""
+    from accelerate.state import AcceleratorState, GradientState
+    from host_syncs import syncs_per_step
+    import stage1_vae_trainer
+
+    vq = ["vae.quantize=true", "vae.vq_embed_dim=4", "vae.codebook_size=64", "vae.vq_dead_code_restart_steps=1"]
+
+    def run(steps):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        stage1_vae_trainer.main(augmenting_command(tmp_path / f"{steps}", assets) + with_sets([
+            f"training_args.total_training_iterations={steps}", "training_args.per_gpu_batch_size=2",
+            "training_args.gradient_accumulation_steps=1", "training_args.disc_start=0",
+            "training_args.logging_steps=100"] + (vq if model == "vq" else [])))
+    assert syncs_per_step(run, steps=(2, 5)) == {}
+
+
+def test_compiled_training_matches_eager(tmp_path, assets, fresh_log_handler, monkeypatch):
+    """training_args.compile with channels_last, GAN on from the first step: the VAE, the discriminator
+    and the LPIPS traced and compiled (the adaptive weight's autograd.grad through the compiled decoder
+    too, the posterior noise drawn as in eager mode); the same losses as eager, the same export keys.
+    Compiled with the aot_eager backend: the same dynamo graphs and AOT-autograd backward, without
+    inductor's C++ compile (over two minutes for these three networks on two cores; stage 2's test
+    compiles its UNet with inductor itself)."""
+    from functools import partial
+
+    from accelerate.state import AcceleratorState, GradientState
+    from modules.performance import compile_modules
+    import stage1_vae_trainer
+
+    from torch._dynamo.backends.common import aot_autograd  # noqa: F401 (registers aot_eager)
+    from torch._dynamo import lookup_backend
+
+    graphs = []
+
+    def aot_eager_counting(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    monkeypatch.setattr(stage1_vae_trainer, "compile_modules", partial(compile_modules, backend=aot_eager_counting))
+
+    def run(name, *extra):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        stage1_vae_trainer.main(augmenting_command(tmp_path / name, assets) + with_sets([
+            "training_args.total_training_iterations=2", "training_args.per_gpu_batch_size=2",
+            "training_args.gradient_accumulation_steps=1", "training_args.disc_start=0",
+            "training_args.num_workers=0", "training_args.channels_last=true", *extra]))
+        return tmp_path / name
+    eager = run("eager")
+    assert graphs == []
+    compiled = run("compiled", "training_args.compile=true")
+    assert len(graphs) >= 3  # the VAE, the discriminator, the LPIPS (and their eval-mode graphs)
+    rows = [[r for r in records(run / "VAETrainer") if "total" in r] for run in (eager, compiled)]
+    assert [r["step"] for r in rows[1]] == [r["step"] for r in rows[0]] == [1, 2]
+    for a, b in zip(*rows):
+        for key in ("total", "rec", "d_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    assert load_file(compiled / "model.safetensors").keys() == load_file(eager / "model.safetensors").keys()

@@ -292,7 +292,8 @@ def test_resume_equals_uninterrupted_bit_for_bit(assets, uninterrupted, tmp_path
     stopped = s2.main(argv + ["--stop_after_steps", "2"])
     assert stopped.step == 2 and stopped.export_path is None and not (tmp_path / "model.safetensors").exists()
     assert json.loads((tmp_path / "DiffusionTrainer/checkpoint_2/trainer_state.json").read_text()) == \
-        {"step": 2, "epoch": 0, "batch_in_epoch": 4, "skipped_steps": 0, "num_processes": 1, "per_gpu_batch_size": 2}
+        {"step": 2, "epoch": 0, "batch_in_epoch": 4, "skipped_steps": 0, "num_processes": 1, "per_gpu_batch_size": 2,
+         "flops_per_step": json.loads((tmp_path / "DiffusionTrainer/checkpoint_1/trainer_state.json").read_text())["flops_per_step"]}
     resumed = s2.main(argv + ["--resume_from_checkpoint", "latest"])
     assert resumed.step == 4
     full = load_file(str(full_work / "model.safetensors"))
@@ -481,12 +482,17 @@ def test_shipped_config_keys_match_the_trainer_and_every_key_is_read():
     from modules.config import load_yaml
 
     shipped = load_yaml(REPO / "configs/stage2_diffusion_train.yaml")["training_args"]
+    from modules.performance import SpeedArgs
+
     fields = {f.name: f.default for f in dataclasses.fields(s2.Stage2TrainingArgs)}
-    assert list(shipped) == list(fields)  # same keys, same order
+    speed = [f.name for f in dataclasses.fields(SpeedArgs)]  # shared keys, listed beside mixed_precision
+    assert sorted(shipped) == sorted(fields)
+    assert [k for k in shipped if k not in speed] == [k for k in fields if k not in speed]  # same order
     assert shipped == {k: v for k, v in fields.items()}  # the dataclass defaults are the shipped values
     source = (REPO / "stage2_diffusion_trainer.py").read_text()
     body = source[source.index("class Stage2Config"):]  # after the field declarations
-    unread = [name for name in fields if not re.search(rf"(?:train_cfg|args)\.{name}\b", body)]
+    body += (REPO / "modules/performance.py").read_text().split("class SpeedArgs")[1]  # SpeedArgs reads its own
+    unread = [name for name in fields if not re.search(rf"(?:train_cfg|args|self)\.{name}\b", body)]
     assert unread == []
     prompts = s2.read_prompts(REPO / "configs/sample_text_cond_prompts.txt")
     assert len(prompts) == 8 and prompts[0] == "A beautiful sunset at the beach"
@@ -634,3 +640,39 @@ def test_trained_text_encoder_is_exported_as_its_ema_with_the_ema_unet(assets, t
     assert any(not torch.equal(exported[f"text_encoder.{k}"], v.float().cpu()) for k, v in live.items())
     assert all(torch.equal(exported[f"unet.{k}"], v.float().cpu()) for k, v in result.ema.model.state_dict().items())
     assert load_ldm_export(result.export_path).metadata["ema"] is True
+
+
+# ----------------------------------------------------------------------------------------
+# No host syncs in the step
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cache", ["false", "true"])
+def test_training_step_reads_nothing_back_to_the_host(assets, tmp_path, cache):
+    """Text-conditional steps with CFG dropout and workers, captions encoded in the step or read from
+    the latent cache: the step reads nothing on the host (no padding length, no dropout mask, no
+    text-encoder mask check, no loss). Logs are read once, at the logging step (tests/host_syncs.py)."""
+    from host_syncs import syncs_per_step
+
+    def run(steps):
+        reset_accelerate_state()
+        s2.main(inprocess_argv(assets, tmp_path / f"{steps}", total_training_iterations=steps, checkpoint_iterations=100,
+                               logging_steps=100, shapes_num_images=32, num_workers=2, gradient_accumulation_steps=1,
+                               per_gpu_batch_size=4, cache_latents=cache))
+    assert syncs_per_step(run, steps=(2, 5)) == {}
+
+
+def test_compiled_training_matches_eager(assets, tmp_path):
+    """training_args.compile (cached latents and text: the UNet alone is compiled) and channels_last: the same losses
+    as eager to float tolerance (inductor reorders float sums), and an export with the same keys."""
+    common = dict(total_training_iterations=3, gradient_accumulation_steps=1, per_gpu_batch_size=4,
+                  checkpoint_iterations=100, val_generation_freq=100, num_workers=0, channels_last="true", cache_latents="true")
+    eager = s2.main(inprocess_argv(assets, tmp_path / "eager", **common))
+    reset_accelerate_state()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = s2.main(inprocess_argv(assets, tmp_path / "compiled", compile="true", **common))
+    assert counters["stats"]["unique_graphs"] >= 1  # the UNet went through dynamo and inductor
+    loss = lambda r: [json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(loss(compiled), loss(eager), rtol=1e-4)
+    assert load_file(compiled.export_path).keys() == load_file(eager.export_path).keys()

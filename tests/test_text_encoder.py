@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, CLIPTokenizer
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from modules.clip_vocab import bytes_to_unicode, clip_words, learn_bpe
 from modules.errors import UserError
@@ -210,6 +211,13 @@ def test_encode_shapes_mask_and_padding_independence(encoder):
     # Causal attention: the real tokens of a caption do not depend on the padding or the batch.
     alone, _ = encoder(["a red circle"])
     torch.testing.assert_close(hidden[0, :5], alone[0, :5], atol=1e-5, rtol=1e-5)
+    # encode() leaves the padding mask out (no host read of it in transformers); the real tokens'
+    # states equal the model's own with the mask, on the last layer's output for every caption.
+    tokens = encoder.tokenize(["a red circle", "a green triangle on a white background"])
+    with torch.no_grad():
+        masked = encoder.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask.long()).last_hidden_state
+    for row, n in enumerate([5, 9]):
+        torch.testing.assert_close(hidden[row, :n], masked[row, :n], atol=1e-5, rtol=1e-5)
     null, null_mask = encoder.null_condition(3)
     assert null.shape == (3, 77, 32) and null_mask.sum(dim=1).tolist() == [2, 2, 2]
     torch.testing.assert_close(null[0], encoder([""])[0][0])
@@ -261,3 +269,37 @@ def test_missing_model_is_a_user_error_naming_it(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="does not hold a CLIP"):
         TextEncoder(tmp_path / "empty")
+
+
+def test_gradient_checkpointing_of_a_trained_encoder_recomputes_with_same_results(clip_dir):
+    plain = TextEncoder(clip_dir, local_files_only=True, trainable=True)
+    ckpt = TextEncoder(clip_dir, local_files_only=True, trainable=True, gradient_checkpointing=True)
+    assert ckpt.gradient_checkpointing and not plain.gradient_checkpointing
+    layer_calls = {}
+    for name, model in (("plain", plain), ("ckpt", ckpt)):
+        layers = [m for m in model.model.modules() if isinstance(m, CLIPEncoderLayer)]
+        assert len(layers) == 2
+        # A pre-hook of the layer's first sub-module: the layer's own hooks stay outside the checkpoint in
+        # newer transformers, and the recomputation stops once it has what backward needs (early stop).
+        for layer in layers:
+            layer.layer_norm1.register_forward_pre_hook(
+                lambda *_, name=name: layer_calls.update({name: layer_calls.get(name, 0) + 1}))
+    results = {}
+    for name, model in (("plain", plain), ("ckpt", ckpt)):
+        hidden, _ = model(["a red circle on a blue background", "a green triangle"])
+        (hidden.square().mean()).backward()
+        results[name] = (hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    # Recomputed: each of the 2 layers runs again in backward.
+    assert layer_calls == {"plain": 2, "ckpt": 4}
+    torch.testing.assert_close(results["ckpt"][0], results["plain"][0], atol=1e-6, rtol=1e-6)
+    for name, grad in results["plain"][1].items():
+        torch.testing.assert_close(results["ckpt"][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    # Only in training mode: an eval-mode forward with grad runs each layer once.
+    layer_calls.clear()
+    ckpt.eval()
+    ckpt(["a red circle"])[0].sum().backward()
+    assert layer_calls == {"ckpt": 2}
+    # A frozen encoder has nothing to checkpoint: the flag stays off.
+    frozen = TextEncoder(clip_dir, local_files_only=True, gradient_checkpointing=True)
+    assert not frozen.gradient_checkpointing
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in frozen.model.modules())

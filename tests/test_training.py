@@ -31,7 +31,7 @@ class NoisyPairs(torch.utils.data.Dataset):
 
 
 def toy_run(run_dir, total_steps, stop_after=None, resume=None, limit=None, accumulation=1, num_workers=0,
-            seen=None, skip_at=(), checkpoint_every=3):
+            seen=None, skip_at=(), checkpoint_every=3, peak_tflops=None):
     """A miniature trainer with the stage scripts' structure, driven by the shared loop.
 
     seen: a list that receives (step, indices, x) of every micro-batch the step function gets.
@@ -67,7 +67,8 @@ def toy_run(run_dir, total_steps, stop_after=None, resume=None, limit=None, accu
         yield Backward(update, loss, {"loss": loss.detach()})
 
     config = LoopConfig(total_steps=total_steps, logging_steps=2, checkpoint_every=checkpoint_every,
-                        images_per_step=4 * accumulation, per_gpu_batch_size=4, stop_after_steps=stop_after)
+                        images_per_step=4 * accumulation, per_gpu_batch_size=4, stop_after_steps=stop_after,
+                        peak_tflops=peak_tflops)
     train_loop(accelerator, loader=loader, models=[model], step_fn=step_fn, state=state, config=config,
                checkpoints=manager, metrics_log=metrics)
     return accelerator.unwrap_model(model), ema, state, manager, scheduler
@@ -107,6 +108,29 @@ def test_epoch_and_augmentation_reach_persistent_workers(tmp_path):
         assert not torch.equal(x_by_index[1][index], x_by_index[2][index])
     orders = [[i for _, indices, _ in epoch for i in indices] for epoch in epochs]
     assert orders[0] != orders[1] != orders[2]
+
+
+def test_speed_logs_count_the_model_flops_of_a_step(tmp_path):
+    """tflops and mfu: the FLOPs of one optimizer step (2 micro-batches through the two linear layers,
+    forward and backward, as torch's FLOP counter counts them), times steps per second; MFU against
+    the given peak; and none without a peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    reference = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.mse_loss(reference(torch.randn(4, 4)), torch.randn(4, 1)).backward()
+    flops_per_step = 2 * counter.get_total_flops()
+    assert flops_per_step == 2 * (2 * 4 * 4 * 8 + 2 * 4 * 8 * 1 + 2 * 4 * 8 * 1 * 2 + 2 * 4 * 4 * 8)  # fwd, bwd
+
+    toy_run(tmp_path / "peak", 4, accumulation=2, checkpoint_every=100, peak_tflops=2e-6)
+    records = [json.loads(line) for line in (tmp_path / "peak" / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        steps_per_second = r["images_per_second"] / 8
+        assert r["tflops"] == pytest.approx(flops_per_step * steps_per_second / 1e12, rel=1e-6)
+        assert r["mfu"] == pytest.approx(r["tflops"] / 2e-6, rel=1e-6)
+    toy_run(tmp_path / "no_peak", 2, checkpoint_every=100)
+    record = json.loads((tmp_path / "no_peak" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["tflops"] > 0 and "mfu" not in record
 
 
 def test_epoch_sampler_is_a_function_of_seed_and_epoch():
