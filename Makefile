@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(OFFLINE) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(DEMO_DIR)
 
 bench: $(STAMP)
-	$(OFFLINE) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/bench.sh
+	$(OFFLINE) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/bench.sh $(BENCH_ARGS)
 
 clean:
 	rm -rf $(DEMO_DIR) bench_out .pytest_cache

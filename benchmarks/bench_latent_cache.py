@@ -16,13 +16,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -49,33 +45,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def prepare(root: Path, args: argparse.Namespace) -> Dict[str, Path]:
-    """A captioned shapes folder, a random-init VAE export and a tiny CLIP in ``root``."""
-    import torch
+    """A captioned shapes folder, a random-init VAE export and a tiny CLIP in ``root`` (benchmarks/assets.py)."""
+    from benchmarks.assets import clip_folder, shapes_folder, vae_export
+    from modules.autoencoder import VAEConfig
 
-    from modules.autoencoder import VAEConfig, build_autoencoder
-    from modules.shapes import COLOR_NAMES, SHAPE_NAMES, write_shapes_folder
-    from modules.text_encoder import build_tiny_clip
-    from modules.vae_io import save_vae_export
-
-    data = root / "shapes"
-    if not data.exists():
-        write_shapes_folder(data, args.num_images, args.img_size, seed=0)
-    torch.manual_seed(0)
     channels = [int(c) for c in args.vae_channels.split(",")]
     cfg = VAEConfig(img_size=args.img_size, vae_channels_per_block=channels, norm_num_groups=min(32, channels[0]),
                     residual_layers_per_block=2, attention_layers=1)
-    vae = save_vae_export(build_autoencoder(cfg), cfg, root / "vae.safetensors", {"scaling_factor": 0.18})
-    words = " ".join(list(COLOR_NAMES) + list(SHAPE_NAMES) + ["a", "on", "background"])
-    clip = build_tiny_clip(root / "clip", [words], hidden_size=64, layers=2, heads=2)
-    return {"data": data, "vae": vae, "clip": clip}
+    return {"data": shapes_folder(root, args.num_images, args.img_size), "vae": vae_export(root, cfg, 0.18),
+            "clip": clip_folder(root, 64, 2)}
 
 
 def run(root: Path, assets: Dict[str, Path], args: argparse.Namespace, cache: bool, repeat: int) -> Dict[str, object]:
     """One trainer run; returns the images/s of its logging windows (the first dropped) and wall times."""
+    from benchmarks.assets import metrics_windows, run_env, run_with_progress, set_flags, timing_only_sets
+
     name = f"{'cached' if cache else 'on_the_fly'}_{repeat}"
     channels = args.unet_channels.split(",")
     levels = len(channels)
     sets = {
+        **timing_only_sets(root),
         "unet.unet_channels_per_block": f"[{args.unet_channels}]",
         "unet.down_block_types": "[" + ",".join(["AttnDown"] * (levels - 1) + ["Down"]) + "]",
         "unet.up_block_types": "[" + ",".join(["Up"] + ["AttnUp"] * (levels - 1)) + "]",
@@ -84,29 +73,17 @@ def run(root: Path, assets: Dict[str, Path], args: argparse.Namespace, cache: bo
         "unet.text_conditioning_hf_model": str(assets["clip"]),
         "training_args.total_training_iterations": args.steps, "training_args.per_gpu_batch_size": args.batch_size,
         "training_args.num_workers": args.num_workers, "training_args.logging_steps": args.log_every,
-        "training_args.checkpoint_iterations": 10 ** 6, "training_args.val_generation_freq": 10 ** 6,
-        "training_args.num_inference_steps": 2, "training_args.num_samples_per_condition": 1,
         "training_args.mixed_precision": args.mixed_precision, "training_args.cache_latents": str(cache).lower(),
         "training_args.lr_warmup_steps": 0,
     }
     argv = [sys.executable, str(REPO / "stage2_diffusion_trainer.py"), "--experiment_name", name,
             "--working_directory", str(root / name), "--path_to_vae_backbone", str(assets["vae"]),
             "--dataset", "shapes", "--path_to_dataset", str(assets["data"]), "--path_to_save_gens", str(root / "gens")]
-    for key, value in sets.items():
-        argv += ["--set", f"{key}={value}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-           "TOKENIZERS_PARALLELISM": "false"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    started = time.perf_counter()
-    result = subprocess.run(argv, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"{name} run failed:\n{result.stderr[-3000:]}")
-    records = [json.loads(x) for x in (root / name / name / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["images_per_second"] for r in records[1:]] or [records[0]["images_per_second"]]
+    log = root / f"{name}.log"
+    wall, _ = run_with_progress(argv + set_flags(sets), log, run_env("auto", args.threads), "stage2")
+    rates = [w["images_per_second"] for w in metrics_windows(root / name / name / "metrics.jsonl")]
     build = 0.0
-    for line in result.stderr.splitlines():
+    for line in log.read_text(errors="replace").splitlines():
         if "latent cache ready in" in line:
             build = float(line.rsplit("in ", 1)[1].rstrip("s"))
     return {"rates": rates, "cache_build_s": build, "wall_s": wall}

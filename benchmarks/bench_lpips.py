@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_json  # noqa: E402
 from modules.lpips import BACKBONES, LPIPS  # noqa: E402
 
 
@@ -37,6 +38,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-channels_last", dest="channels_last", action="store_false",
                         help="run our trunk in the default (NCHW) memory format")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results to this JSON file")
     return parser.parse_args(argv)
 
 
@@ -98,6 +100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"device: {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}")
     for row in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+    write_json(args.json, {"benchmark": "lpips", "device": str(device), "batch": args.batch_size,
+                           "img_size": args.img_size, "rows": [dict(zip(header, row)) for row in rows]})
 
 
 if __name__ == "__main__":

@@ -17,8 +17,16 @@ posterior noise, so their first-step losses agree; the check is printed. LPIPS t
 (no download), which does not change the cost. Timings alternate ours and the reference every
 step so machine noise hits both alike; the median of ``--iters`` steps counts.
 
+``--compile`` torch.compiles the same networks of both sides with the same mode (the VAE's encoder
+and decoder, the LPIPS, the discriminator; the loss arithmetic around them stays eager) after the
+first, eager step, whose FLOPs (both networks' forward and backward, LPIPS included) are counted
+per side (TFLOP/step: what each executes; MFU divides the smaller count, the model's work, by each
+side's time); ``--channels_last`` puts both sides' networks and images in channels_last.
+With a known peak (``--peak_tflops`` or the device's dense bf16 rate) MFU is printed.
+
     python benchmarks/bench_stage1.py --device cpu --config tiny --batch_size 4 --iters 10
     python benchmarks/bench_stage1.py --device cuda --config tutorial --batch_size 8 --autocast bf16
+    python benchmarks/bench_stage1.py --device cuda --config tutorial --batch_size 4 --autocast bf16 --compile
 """
 from __future__ import annotations
 
@@ -36,7 +44,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import (add_speed_args, count_flops, describe_device, fmt,  # noqa: E402
+                               markdown_table, mfu, peak_tflops, resolve_device, sync, write_json)
 from modules.autoencoder import AutoencoderKL, VAEConfig  # noqa: E402
+from modules.performance import compile_modules, set_tf32  # noqa: E402
 from modules.discriminator import NLayerDiscriminator  # noqa: E402
 from modules.lpips import LPIPS  # noqa: E402
 from modules.vae_loss import VAELoss, VAELossConfig  # noqa: E402
@@ -62,14 +73,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lpips_backbone", choices=("vgg", "alex", "squeeze"), default="vgg")
     parser.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",
                         help="mixed precision of both sides (fp16 needs CUDA)")
+    parser.add_argument("--channels_last", action="store_true", help="channels_last networks and images, both sides")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: library default)")
     parser.add_argument("--seed", type=int, default=0)
+    add_speed_args(parser)
     return parser.parse_args(argv)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reference_patchgan(start: int, depth: int = 3) -> nn.Sequential:
@@ -110,10 +118,11 @@ def build(args: argparse.Namespace, device: torch.device):
     peer_disc.load_state_dict({k.removeprefix("layers."): v for k, v in our_disc.state_dict().items()})
 
     sides = {}
+    memory = torch.channels_last if args.channels_last else torch.contiguous_format
     for name, vae, metric, disc in (("ours", our_vae, our_lpips, our_disc), ("reference", peer_vae, peer_lpips, peer_disc)):
-        vae.to(device).train()
-        disc.to(device).train()
-        metric.to(device).eval().requires_grad_(False)
+        vae.to(device, memory_format=memory).train()
+        disc.to(device, memory_format=memory).train()
+        metric.to(device, memory_format=memory).eval().requires_grad_(False)
         sides[name] = {
             "vae": vae, "lpips": metric, "disc": disc,
             "opt": torch.optim.AdamW(vae.parameters(), lr=1e-4, betas=(0.5, 0.9)),
@@ -179,41 +188,77 @@ def reference_step(side: Dict, x: torch.Tensor, noise_seed: int, args, device) -
     return loss.item(), d_loss.item()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
+def networks(side: Dict) -> List[nn.Module]:
+    """What --compile compiles on each side: the VAE's encoder and decoder, the LPIPS, the discriminator."""
+    return [side["vae"].encoder, side["vae"].decoder, side["lpips"], side["disc"]]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
+    set_tf32(args.tf32)
     sides, img_size = build(args, device)
     generator = torch.Generator().manual_seed(args.seed)
+    memory = torch.channels_last if args.channels_last else torch.contiguous_format
     batches = [(torch.rand(args.batch_size, 3, img_size, img_size, generator=generator) * 2 - 1).to(device)
-               for _ in range(4)]
+               .contiguous(memory_format=memory) for _ in range(4)]
     steps: Dict[str, Callable] = {"ours": our_step, "reference": reference_step}
 
-    first = {name: steps[name](sides[name], batches[0], 0, args, device) for name in steps}
+    # The first step of each side, eager and counted: the loss check and the model FLOPs of a step.
+    first: Dict[str, Tuple[float, float]] = {}
+    flops: Dict[str, int] = {}
+    for name in steps:
+        flops[name] = count_flops(lambda: first.__setitem__(name, steps[name](sides[name], batches[0], 0, args, device)))
+    compile_s = {name: 0.0 for name in steps}
+    if args.compile:
+        for name in steps:
+            compile_modules(networks(sides[name]), device, args.compile_mode)
+            sync(device)
+            start = time.perf_counter()
+            steps[name](sides[name], batches[0], 0, args, device)  # compiles forward and backward
+            sync(device)
+            compile_s[name] = time.perf_counter() - start
     times: Dict[str, List[float]] = {name: [] for name in steps}
     for i in range(args.warmup + args.iters):
         for name in steps:  # alternate, so that machine noise hits both sides alike
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             steps[name](sides[name], batches[i % len(batches)], i + 1, args, device)
-            _sync(device)
+            sync(device)
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
 
     ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
+    peak = peak_tflops(device, args.peak_tflops)
+    # MFU counts the model's work once: the smaller count (the reference's two extra autograd.grad passes
+    # through the decoder for the adaptive weight are executed FLOPs, not model FLOPs).
+    ratio = {name: mfu(min(flops.values()), ms[name] / 1e3, peak) for name in steps}
     vae_params = sum(p.numel() for p in sides["ours"]["vae"].parameters()) / 1e6
+    mode = f"torch.compile ({args.compile_mode})" if args.compile else "eager"
     print(f"stage-1 training step (VAE {vae_params:.1f}M params + {args.lpips_backbone} LPIPS + PatchGAN, "
-          f"both optimizers), config {args.config}, batch {args.batch_size}, {img_size}px, {device}, "
-          f"autocast {args.autocast}, threads {torch.get_num_threads()}, median of {args.iters}")
+          f"both optimizers), config {args.config}, batch {args.batch_size}, {img_size}px, {describe_device(device)}, "
+          f"autocast {args.autocast}, {mode}{', channels_last' if args.channels_last else ''}, median of {args.iters}")
     print(f"first-step losses  ours: g {first['ours'][0]:.6f} d {first['ours'][1]:.6f}   "
           f"reference: g {first['reference'][0]:.6f} d {first['reference'][1]:.6f}")
-    print(f"{'':<34}{'ms/step':>10}{'images/s':>10}")
-    print(f"{'ours (modules/)':<34}{ms['ours']:>10.1f}{1e3 * args.batch_size / ms['ours']:>10.1f}")
-    print(f"{'diffusers + lpips + PatchGAN':<34}{ms['reference']:>10.1f}{1e3 * args.batch_size / ms['reference']:>10.1f}")
-    print(f"speed-up (reference / ours): {ms['reference'] / ms['ours']:.2f}x")
-    return {"ours_ms": ms["ours"], "reference_ms": ms["reference"], "speedup": ms["reference"] / ms["ours"]}
+    labels = {"ours": "ours (modules/)", "reference": "diffusers + lpips + PatchGAN"}
+    header = ["side", "ms/step", "images/s", "TFLOP/step", "TFLOP/s", "MFU"] + (["compile s"] if args.compile else [])
+    rows = []
+    for name in steps:
+        row = [labels[name], f"{ms[name]:.1f}", f"{1e3 * args.batch_size / ms[name]:.1f}", f"{flops[name] / 1e12:.4g}",
+               f"{flops[name] / ms[name] / 1e9:.4g}", fmt(None if ratio[name] is None else 100 * ratio[name], ".1f", "%")]
+        rows.append(row + ([f"{compile_s[name]:.1f}"] if args.compile else []))
+    print(markdown_table(header, rows))
+    print(f"speed-up (reference / ours): {ms['reference'] / ms['ours']:.2f}x; peak {fmt(peak, '.4g', ' TFLOP/s')}")
+    result = {"benchmark": "stage1", "device": describe_device(device), "config": args.config, "batch": args.batch_size,
+              "img_size": img_size, "autocast": args.autocast, "compile": args.compile,
+              "channels_last": args.channels_last, "ours_ms": ms["ours"], "reference_ms": ms["reference"],
+              "speedup": ms["reference"] / ms["ours"], "ours_flops": flops["ours"], "reference_flops": flops["reference"],
+              "ours_mfu": ratio["ours"], "reference_mfu": ratio["reference"], "peak_tflops": peak,
+              "compile_s": compile_s}
+    write_json(args.json, result)
+    return result
 
 
 if __name__ == "__main__":
