@@ -22,10 +22,14 @@ Usage (the tutorial's command):
   the per-image moments are gathered (duplicates that pad the last batch across processes are
   dropped) and combined exactly in float64, so any number of processes and any ``--batch_size``
   give the same factor.
-- Prints the mean and std of the latents before and after scaling, and writes ``scaling_factor``
-  and ``scaling_dataset`` into the export's metadata (our exports; a diffusers folder is left as
-  it is). ``--write_to_config`` also sets ``scaling_constants.<dataset>`` in ``--model_config``
-  (default configs/ldm.yaml), editing only that line of the file (its comments stay).
+- Prints the mean and std of the latents before and after scaling, and stores the factor as the
+  ``<dataset>`` entry of ``scaling_factors`` in the export's metadata (our exports; a diffusers
+  folder is left as it is). The factor depends on the data, so an export keeps one per dataset:
+  running this for another dataset adds its entry and keeps the others (an export written
+  before, with a single ``scaling_factor`` + ``scaling_dataset``, is converted to the mapping).
+  Stage 2 uses the entry of the dataset it trains on. ``--write_to_config`` also sets
+  ``scaling_constants.<dataset>`` in ``--model_config`` (default configs/ldm.yaml), editing only
+  that line of the file (its comments stay).
 
 The VAE's network comes from the export's metadata (or the diffusers config.json); a bare
 safetensors state dict without that metadata is read with ``--model_config``'s ``vae:`` section,
@@ -48,15 +52,24 @@ from torch.utils.data import Dataset, Subset
 from modules.autoencoder import VQModel
 from modules.cli import run_main
 from modules.config import dump_yaml, find_config_file, load_yaml, parse_yaml_text
-from modules.errors import UserError
+from modules.errors import OneLineArgumentParser, UserError
 from modules.image_datasets import build_dataset, dataset_conditioning, images_to_model
 from modules.model_config import ldm_config_from_dict, load_ldm_config
 from modules.accelerator import build_accelerator
 from modules.cli import positive_int
 from modules.data_loading import build_dataloader
-from modules.export import read_export_metadata
+from modules.export import check_export_kind, read_export_metadata
 from modules.metrics import progress_bar
-from modules.vae_io import load_vae, set_export_metadata, vae_config_from_metadata
+from modules.paths import check_writable_file
+from modules.vae_io import (
+    LEGACY_SCALING_KEYS,
+    SCALING_FACTORS_KEY,
+    VAE_EXPORT_KIND,
+    load_vae,
+    scaling_factors_from_metadata,
+    set_export_metadata,
+    vae_config_from_metadata,
+)
 
 logger = logging.getLogger("ldm")
 
@@ -65,8 +78,8 @@ DEFAULT_MODEL_CONFIG = "configs/ldm.yaml"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--path_to_pretrained_weights", required=True,
                         help="stage-1 model.safetensors, or a diffusers AutoencoderKL folder")
     parser.add_argument("--dataset", required=True, help="dataset name (celebahq, conceptual_captions, shapes, ...)")
@@ -234,10 +247,16 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     # The export's own config describes its network; a weights file without one (a bare state
     # dict) is read with the model config's vae: section, and must fit it.
     fallback_vae = None
-    if weights.is_file() and vae_config_from_metadata(read_export_metadata(weights), weights) is None:
-        fallback_vae = load_ldm_config(model_config_path).vae
-    if args.write_to_config:
-        load_yaml(model_config_path)  # fail before the long encoding, not after it
+    if weights.is_file():
+        check_writable_file(weights, "--path_to_pretrained_weights")  # its metadata is rewritten at the end
+        export_metadata = read_export_metadata(weights)
+        check_export_kind(export_metadata, weights, VAE_EXPORT_KIND, "--path_to_pretrained_weights")
+        scaling_factors_from_metadata(export_metadata, weights)  # a broken entry fails now, not after encoding
+        if vae_config_from_metadata(export_metadata, weights) is None:
+            fallback_vae = load_ldm_config(model_config_path).vae
+    if args.write_to_config:  # fail before the long encoding, not after it
+        load_yaml(model_config_path)
+        check_writable_file(model_config_path, "--model_config")
 
     # -- accelerator ------------------------------------------------------------------
     accelerator = build_accelerator("no", 1, args.seed)
@@ -291,8 +310,12 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
         print(f"  scaling_factor = 1 / std = {factor:.8g}")
         print(f"  after scaling:  mean {mean * factor:.6f}  std {std * factor:.6f}")
         if weights.is_file():
-            set_export_metadata(weights, {"scaling_factor": factor, "scaling_dataset": args.dataset})
-            print(f"  wrote scaling_factor into the metadata of {weights}")
+            # Read again now: another run may have added its dataset's entry while this one encoded.
+            factors = scaling_factors_from_metadata(read_export_metadata(weights), weights)
+            factors[args.dataset] = factor
+            set_export_metadata(weights, {SCALING_FACTORS_KEY: factors}, remove=LEGACY_SCALING_KEYS)
+            print(f"  wrote scaling_factors.{args.dataset} into the metadata of {weights} "
+                  f"(it has factors for {', '.join(sorted(factors))})")
         else:
             shipped = metadata.get("scaling_factor")
             print(f"  (a diffusers folder is not modified; its config.json says scaling_factor {shipped})")

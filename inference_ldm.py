@@ -32,10 +32,12 @@ import torch
 
 from modules.cli import run_main
 from modules.config import to_dict
-from modules.errors import UserError
+from modules.errors import OneLineArgumentParser, UserError
 from modules.image_datasets import DATASET_NAMES, build_image_transform, images_to_model
-from modules.ldm_io import LatentDiffusion, load_ldm_export
+from modules.export import check_export_kind, read_export_metadata
+from modules.ldm_io import LDM_EXPORT_KIND, LatentDiffusion, load_ldm_export
 from modules.model_config import LDMConfig, load_ldm_config
+from modules.paths import check_writable_file, check_writable_folder
 from modules.cli import positive_int, setup_logging
 
 logger = logging.getLogger("ldm")
@@ -44,8 +46,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--path_to_weights", required=True, help="the stage-2 export (model.safetensors)")
     parser.add_argument("--model_config", default=None,
                         help="model config; the export's own config wins, differences are reported")
@@ -133,6 +135,24 @@ def load_init_image(path: str, img_size: int, count: int) -> torch.Tensor:
     return tensor.expand(count, -1, -1, -1)
 
 
+def check_output(output: str) -> None:
+    """``--output`` can be written (a .png file, or a folder), checked before the slow model load."""
+    if Path(output).suffix.lower() == ".png":
+        check_writable_file(output, "--output")
+    else:
+        check_writable_folder(output, "--output")
+
+
+def warn_if_truncated(model: LatentDiffusion, text: str, flag: str) -> None:
+    """Say once when ``text`` has more tokens than the text encoder reads (the rest is dropped,
+    as CLIP does: its position embeddings stop at 77)."""
+    encoder = model.text_encoder
+    ids = encoder.tokenizer(text, truncation=False, padding=False, verbose=False)["input_ids"]
+    if len(ids) > encoder.max_length:
+        logger.warning("%s has %d tokens; the text encoder reads only the first %d (start and end tokens included), "
+                       "the rest is dropped", flag, len(ids), encoder.max_length)
+
+
 def output_paths(output: str, count: int, slug: str, seed: int) -> List[Path]:
     """One PNG path per image in a folder, or a single file (a grid when count > 1)."""
     out = Path(output)
@@ -146,6 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     setup_logging(True)
     if args.init_image is not None and not Path(args.init_image).is_file():
         raise UserError(f"--init_image {args.init_image}: file not found")  # before the slow model load
+    check_output(args.output)
 
     # -- model --------------------------------------------------------------------------
     given_config = None
@@ -160,6 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no per-tensor loading bar for the text encoder
+    weights = Path(args.path_to_weights)
+    check_export_kind(read_export_metadata(weights), weights, LDM_EXPORT_KIND, "--path_to_weights")
     model = load_ldm_export(args.path_to_weights, fallback_config=given_config,
                             text_encoder_cache_dir=args.hf_cache_dir)
     if given_config is not None:
@@ -185,6 +208,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
             raise UserError("this model is text-conditional: pass --prompt \"...\"")
         prompts = [args.prompt] * n
         negatives = [args.negative_prompt] * n if args.negative_prompt is not None else None
+        warn_if_truncated(model, args.prompt, "--prompt")
+        if args.negative_prompt is not None:
+            warn_if_truncated(model, args.negative_prompt, "--negative_prompt")
         slug = args.prompt
     else:
         if args.text_conditional:

@@ -16,7 +16,22 @@ dropped when its ``status`` is not ``"success"`` (counted per status), when it h
 when its caption is empty or only whitespace, or when its bytes do not decode to an RGB image
 (PIL, fully loaded). Kept rows keep their original encoded bytes in a ``datasets.Image`` column,
 at their original size and aspect ratio (cropping is the trainer's job), in input order (shards
-sorted by path, rows in file order).
+sorted by path, rows in file order). A caption whose bytes are not valid UTF-8 (web captions in
+Latin-1 or cp1252, stored by a tool that did not check) keeps its row: each invalid byte becomes
+U+FFFD and such captions are counted in the summary; emoji and any other valid UTF-8 pass
+unchanged.
+
+Shards of an interrupted img2dataset run are refused, with one line naming the shard: img2dataset
+writes ``NNNNN_stats.json`` beside ``NNNNN.parquet`` when it has finished that shard, so a shard
+without one, in a folder where other shards have theirs, was still being written when the run
+stopped; and the shard being written at a kill is truncated (no parquet footer), like any
+unreadable file, which is never a crash. Re-running the same img2dataset command finishes them
+(its default ``--incremental_mode incremental`` redoes every shard without a stats file).
+``--skip_incomplete_shards`` leaves such shards out instead, with a warning each, and counts them
+in the summary. Refusing is the default because leaving a shard out would silently cost up to a
+shard of data (10,000 rows by default) whose rows may well be complete, and the user can choose.
+A folder without any stats file (parquet written by another tool, or the first shard of a run
+killed before it finished one) is not checked for them.
 
 Captions are tokenized with the CLIP tokenizer of ``--hf_clip_model_name`` (hub name or local
 folder, :class:`modules.text_encoder.TextEncoder`): ``input_ids`` / ``attention_mask`` of
@@ -55,6 +70,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -67,8 +83,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from modules.cli import run_main
-from modules.errors import UserError
+from modules.cli import run_main, setup_logging
+from modules.errors import OneLineArgumentParser, UserError
+from modules.paths import check_writable_folder
 
 IMAGE_COLUMNS: Tuple[str, ...] = ("jpg", "png", "webp")  # img2dataset's --encode_format values
 REQUIRED_COLUMNS: Tuple[str, ...] = ("caption", "status")
@@ -78,6 +95,7 @@ DTYPES: Tuple[str, ...] = ("float32", "float16", "bfloat16")
 ARROW_DTYPES: Dict[str, str] = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
 SUMMARY_FILE = "prep_cc_summary.json"
 SAVED_DATASET_FILES: Tuple[str, ...] = ("state.json", "dataset_info.json", "dataset_dict.json")
+logger = logging.getLogger("ldm")
 
 # Drop reasons besides "status <value>", in the order the checks run.
 MISSING_IMAGE = "missing image bytes"
@@ -92,8 +110,8 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompressio
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--path_to_data_root", required=True,
                         help="folder of img2dataset --output_format parquet shards (searched recursively)")
     parser.add_argument("--path_to_save", required=True, help="output folder (datasets.save_to_disk)")
@@ -114,6 +132,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="device for --pre_encode_text (default: cuda when available, else cpu)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --path_to_save (a dataset saved earlier, or an empty folder)")
+    parser.add_argument("--skip_incomplete_shards", action="store_true",
+                        help="leave out (with a warning, counted) the shards of an interrupted img2dataset run: "
+                             "truncated ones, and ones without their NNNNN_stats.json (default: an error)")
     return parser.parse_args(argv)
 
 
@@ -148,12 +169,38 @@ def find_shards(root: Path) -> List[Path]:
     return sorted(found)
 
 
+class IncompleteShard(UserError):
+    """A shard an interrupted img2dataset run left behind (truncated, or without its stats file):
+    ``path``, ``reason`` (what is wrong with it), and a message that says how to go on."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path} {reason}; re-run the same img2dataset command to finish it, or pass "
+                         "--skip_incomplete_shards to leave such shards out")
+        self.path, self.reason = path, reason
+
+
+def stats_file(shard: Path) -> Path:
+    """The ``NNNNN_stats.json`` img2dataset writes beside ``NNNNN.parquet`` once the shard is done."""
+    return shard.with_name(f"{shard.stem}_stats.json")
+
+
+def unfinished_shards(shards: Sequence[Path]) -> List[Path]:
+    """The shards without their stats file in a folder where other shards have theirs: img2dataset
+    wrote that folder and was stopped before it finished them."""
+    folders_with_stats = {p.parent for p in shards if stats_file(p).is_file()}
+    return [p for p in shards if p.parent in folders_with_stats and not stats_file(p).is_file()]
+
+
 def inspect_shard(path: Path) -> Shard:
-    """Read a shard's footer and check that it has img2dataset's caption, status and image columns."""
+    """Read a shard's footer and check that it has img2dataset's caption, status and image columns.
+
+    An unreadable file (a truncated shard has no footer) is an :class:`IncompleteShard`."""
     try:
         meta = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
-        raise UserError(f"{path} is not a readable parquet file ({str(err).splitlines()[0]})") from None
+        raise IncompleteShard(path, f"is not a readable parquet file ({str(err).splitlines()[0]}): truncated, like "
+                                    "the shard an interrupted img2dataset run was writing, or not parquet at all"
+                              ) from None
     names = meta.schema_arrow.names
     for column in REQUIRED_COLUMNS:
         if column not in names:
@@ -167,6 +214,31 @@ def inspect_shard(path: Path) -> Shard:
     if not image_columns:
         raise UserError(f"{path} has no image column (one of {list(IMAGE_COLUMNS)}); it has {names}")
     return Shard(path, meta.metadata.num_rows, image_columns[0], tuple(c for c in OPTIONAL_COLUMNS if c in names))
+
+
+def usable_shards(paths: Sequence[Path], skip_incomplete: bool) -> Tuple[List[Shard], List[Path]]:
+    """(shards to read, shards left out). An incomplete shard (:func:`unfinished_shards`, or
+    unreadable) is an error, or with ``skip_incomplete`` left out with a warning; other bad shards
+    (missing columns) are errors either way."""
+    unfinished = set(unfinished_shards(paths))
+    shards: List[Shard] = []
+    skipped: List[Path] = []
+    for path in paths:
+        try:
+            if path in unfinished:
+                raise IncompleteShard(path, f"has no {stats_file(path).name} beside it while other shards in "
+                                            f"{path.parent} have theirs: img2dataset writes it when a shard is "
+                                            "finished, so an interrupted run left this one")
+            shards.append(inspect_shard(path))
+        except IncompleteShard as err:
+            if not skip_incomplete:
+                raise
+            logger.warning("--skip_incomplete_shards: leaving out %s, which %s", path, err.reason)
+            skipped.append(path)
+    if not shards:
+        raise UserError(f"all {len(paths)} shards under the data root are incomplete (see the warnings above); "
+                        "nothing to convert")
+    return shards, skipped
 
 
 @dataclass
@@ -192,6 +264,8 @@ class Stats:
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     captions_truncated: int = 0
+    captions_invalid_utf8: int = 0  # rows read whose caption bytes were not UTF-8 (invalid bytes -> U+FFFD)
+    shards_skipped: List[str] = field(default_factory=list)  # --skip_incomplete_shards
 
     def dropped_by_reason(self) -> Dict[str, int]:
         """Non-success statuses (sorted) then the fixed reasons, which are always listed."""
@@ -201,18 +275,46 @@ class Stats:
     def as_dict(self) -> Dict[str, Any]:
         return {"shards": self.shards, "rows_read": self.rows_read, "kept": self.kept,
                 "dropped": sum(self.dropped.values()), "dropped_by_reason": self.dropped_by_reason(),
-                "captions_truncated": self.captions_truncated}
+                "captions_truncated": self.captions_truncated, "captions_invalid_utf8": self.captions_invalid_utf8,
+                "shards_skipped": list(self.shards_skipped)}
 
     def summary_lines(self) -> List[str]:
         lines = ["prep_cc summary", f"shards: {self.shards}", f"rows read: {self.rows_read}",
                  f"kept: {self.kept}", f"dropped: {sum(self.dropped.values())}"]
         lines += [f"  dropped ({reason}): {count}" for reason, count in self.dropped_by_reason().items()]
         lines.append(f"captions truncated: {self.captions_truncated}")
+        lines.append(f"captions with invalid UTF-8 (bytes replaced by U+FFFD): {self.captions_invalid_utf8}")
+        lines.append(f"incomplete shards skipped: {len(self.shards_skipped)}")
         return lines
 
 
 def _status_reason(status: Optional[str]) -> str:
     return f"status {status if status is not None else '<null>'}"
+
+
+def decode_captions(column: "pa.Array") -> Tuple[List[Optional[str]], int]:
+    """The captions of an Arrow string column as Python strings, and how many were not valid UTF-8.
+
+    Arrow does not check the bytes of a string column read from parquet, so a writer that did not
+    either leaves bytes that are not UTF-8; those captions are decoded with each invalid byte
+    replaced by U+FFFD instead of failing the whole batch."""
+    try:
+        return column.to_pylist(), 0
+    except UnicodeDecodeError:
+        pass
+    raw = column.cast(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
+    captions: List[Optional[str]] = []
+    invalid = 0
+    for data in raw.to_pylist():
+        if data is None:
+            captions.append(None)
+            continue
+        try:
+            captions.append(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            captions.append(data.decode("utf-8", errors="replace"))
+            invalid += 1
+    return captions, invalid
 
 
 def read_chunks(shards: Sequence[Shard], batch_size: int, stats: Stats) -> Iterator[Chunk]:
@@ -227,7 +329,9 @@ def read_chunks(shards: Sequence[Shard], batch_size: int, stats: Stats) -> Itera
         try:
             batches = pq.ParquetFile(shard.path).iter_batches(batch_size=batch_size, columns=columns)
             for batch in batches:
-                data = batch.to_pydict()
+                data = {name: batch.column(name).to_pylist() for name in batch.schema.names if name != "caption"}
+                data["caption"], invalid = decode_captions(batch.column("caption"))
+                stats.captions_invalid_utf8 += invalid
                 chunk = Chunk(shard_index, False, batch.num_rows)
                 for i in range(batch.num_rows):
                     status, data_bytes, caption = data["status"][i], data[shard.image_column][i], data["caption"][i]
@@ -414,10 +518,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.num_cpu_workers < 0:
         raise UserError(f"--num_cpu_workers must be >= 0, got {args.num_cpu_workers}")
+    setup_logging(True)
     data_root, out_path = Path(args.path_to_data_root), Path(args.path_to_save)
     shard_paths = find_shards(data_root)
     check_output_path(out_path, data_root, args.overwrite)
-    shards = [inspect_shard(p) for p in shard_paths]
+    # Where the staging folder and the output go (out_path itself is replaced only when complete).
+    check_writable_folder(out_path.parent if out_path.exists() else out_path, "--path_to_save")
+    shards, skipped = usable_shards(shard_paths, args.skip_incomplete_shards)
 
     # ---- text encoder ----
     import datasets
@@ -445,7 +552,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     staging = out_path.parent / f".{out_path.name}.prep_cc-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    stats = Stats(shards=len(shards))
+    stats = Stats(shards=len(shards), shards_skipped=[str(p) for p in skipped])
     shard_kept = 0
     text_tokens = 0  # real tokens of the kept captions: the rows of text_embeddings
     pool = None

@@ -82,18 +82,21 @@ def clip_folder(root: Path, hidden_size: int, layers: int) -> Path:
 
 
 def vae_export(root: Path, vae_config, scaling_factor: float = 0.18215) -> Path:
-    """A random-init KL-VAE of ``vae_config`` as a stage-1 export (what stage 2 loads)."""
+    """A random-init KL-VAE of ``vae_config`` as a stage-1 export (what stage 2 loads), with
+    ``scaling_factor`` as its latent scale on every dataset (compute_vae_scaling.py's per-dataset
+    ``scaling_factors``)."""
     import torch
 
     from modules.autoencoder import build_autoencoder
-    from modules.vae_io import save_vae_export
+    from modules.image_datasets import DATASET_NAMES
+    from modules.vae_io import SCALING_FACTORS_KEY, save_vae_export
 
-    path = root / f"vae_{'x'.join(map(str, vae_config.vae_channels_per_block))}_{vae_config.img_size}px.safetensors"
+    path = root / f"vae_{'x'.join(map(str, vae_config.vae_channels_per_block))}_{vae_config.img_size}px_s{scaling_factor}.safetensors"
     if not path.exists():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = build_autoencoder(vae_config)
-        save_vae_export(model, vae_config, path, {"scaling_factor": scaling_factor})
+        save_vae_export(model, vae_config, path, {SCALING_FACTORS_KEY: {name: scaling_factor for name in DATASET_NAMES}})
     return path
 
 

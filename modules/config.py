@@ -7,7 +7,10 @@ names the file, the dotted key and what was allowed, instead of being silently i
 they are checked exactly like keys written in the file.
 
 PyYAML implements YAML 1.1, where ``3e-4`` (no dot) is a *string*; :func:`load_yaml` uses a
-loader that reads such scientific notation as a float, the way a user means it.
+loader that reads such scientific notation as a float, the way a user means it. The loader is
+strict where PyYAML is lenient: a key written twice in one mapping (PyYAML keeps the last one
+silently) is an error naming the file, the key and both lines; a syntax error (e.g. a line
+indented with a tab, which YAML forbids) names the file, the line and the column.
 """
 from __future__ import annotations
 
@@ -34,8 +37,33 @@ _FLOAT_PATTERN = re.compile(
 )
 
 
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key written twice in one mapping: ``key``, and the 1-based lines of both."""
+
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(problem=f"duplicate key {key!r}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
 class _StrictFloatLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` / ``3E5`` as floats (YAML 1.2 behaviour)."""
+    """SafeLoader that also reads ``1e-4`` / ``3E5`` as floats (YAML 1.2 behaviour) and refuses a
+    mapping that repeats a key (YAML says keys are unique; PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: Dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may override on purpose
+                    continue
+                key = self.construct_object(key_node, deep=False)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKeyError(key, line, seen[key])
+                    seen[key] = line
+                except TypeError:  # an unhashable key: SafeConstructor reports it itself
+                    continue
+        return super().construct_mapping(node, deep=deep)
 
 
 # Replace the float resolver (YAML 1.1 needs a dot before the exponent).
@@ -47,13 +75,33 @@ _StrictFloatLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_PATTE
 
 
 def parse_yaml_text(text: str, source: str) -> Any:
-    """Parse YAML text with scientific-notation floats; a syntax error names ``source``."""
+    """Parse YAML text strictly (scientific-notation floats, no repeated keys); an error names
+    ``source`` and the line."""
     try:
         return yaml.load(text, Loader=_StrictFloatLoader)
+    except _DuplicateKeyError as err:
+        raise UserError(f"{source}: duplicate key {err.key!r} on line {err.line} (first given on line "
+                        f"{err.first_line}); each key may appear once in a mapping") from None
     except yaml.YAMLError as err:
-        first_line = str(err).strip().splitlines()
-        detail = " ".join(line.strip() for line in first_line[:3])
-        raise UserError(f"{source}: invalid YAML ({detail})") from None
+        raise UserError(f"{source}: invalid YAML ({_describe_yaml_error(err, text)})") from None
+
+
+def _describe_yaml_error(err: yaml.YAMLError, text: str) -> str:
+    """PyYAML's error in one line: where (line, column of ``text``) and what, with a hint for tabs."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None)
+    context = getattr(err, "context", None)
+    if mark is None or problem is None:
+        return " ".join(line.strip() for line in str(err).strip().splitlines()[:3])
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    lines = text.splitlines()
+    offending = lines[mark.line] if mark.line < len(lines) else ""
+    indent = offending[: len(offending) - len(offending.lstrip(" \t"))]
+    if "\t" in indent:
+        return f"{where}: indented with a tab; YAML indentation must be spaces"
+    if "'\\t'" in problem:
+        return f"{where}: a tab where YAML needs spaces (after a colon, or before a value)"
+    return f"{where}: {problem}" + (f" ({context})" if context else "")
 
 
 def load_yaml(path: Union[str, Path]) -> Dict[str, Any]:

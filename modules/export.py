@@ -13,6 +13,12 @@ import torch
 from modules.errors import UserError
 
 EXPORT_FORMAT = "ldm-toolkit/1"
+# What each export kind is, for errors that say what a file is and what was expected instead.
+EXPORT_KINDS: Dict[str, str] = {
+    "lpips": "a stage-0 LPIPS export (stage0_lpips_trainer.py's <work_dir>/<name>.safetensors)",
+    "vae": "a stage-1 VAE export (stage1_vae_trainer.py's <working_directory>/model.safetensors)",
+    "ldm": "a stage-2 latent diffusion export (stage2_diffusion_trainer.py's <working_directory>/model.safetensors)",
+}
 
 
 def export_safetensors(tensors: Mapping[str, torch.Tensor], path: Union[str, Path], kind: str,
@@ -64,9 +70,23 @@ def read_export(path: Union[str, Path], expected_kind: Optional[str] = None) -> 
     from safetensors.torch import load_file
 
     metadata = read_export_metadata(path)
-    if expected_kind is not None and metadata.get("kind") not in (None, expected_kind):
-        raise UserError(f"{path}: holds a {metadata.get('kind')!r} export, expected {expected_kind!r}")
+    if expected_kind is not None:
+        check_export_kind(metadata, path, expected_kind)
     return load_file(str(path)), metadata
+
+
+def check_export_kind(metadata: Mapping[str, Any], path: Union[str, Path], expected_kind: str,
+                      flag: Optional[str] = None) -> None:
+    """An export of another kind than ``expected_kind`` is a :class:`UserError` saying what the file
+    is and what was expected (``flag``, when given, names the option or key it came from). A file
+    without a kind (a bare state dict) passes: its tensors are checked by the loader."""
+    kind = metadata.get("kind")
+    if kind is None or kind == expected_kind:
+        return
+    what = EXPORT_KINDS.get(kind, f"an export of kind {kind!r}")
+    expected = EXPORT_KINDS.get(expected_kind, f"an export of kind {expected_kind!r}")
+    prefix = f"{flag} {path}" if flag else str(path)
+    raise UserError(f"{prefix} is {what}; expected {expected}")
 
 
 def describe_run(script: str, argv: Sequence[str]) -> Dict[str, Any]:

@@ -301,7 +301,8 @@ class ClassFolderDataset(_LazyImageFiles):
         loose = sorted(p.name for p in root.iterdir() if p.is_file() and _is_image_name(p.name))
         if loose:
             raise UserError(f"{root} holds {len(loose)} images directly (e.g. {loose[:_REPORTED_NAMES]}); "
-                            "a class-folder dataset needs root/<class>/<image>")
+                            "a class-folder dataset (imagenet) needs root/<class>/<image>; a folder of unlabelled "
+                            "images is an unconditional dataset (celebahq, ffhq, celeba)")
         self.classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not self.classes:
             raise UserError(f"no class folders in {root}; expected root/<class>/<image>")
@@ -591,10 +592,13 @@ def build_dataset(
     path = Path(path)
     if not path.exists():
         raise UserError(f"dataset path {path} does not exist")
-    if name in ("celebahq", "ffhq", "celeba"):
-        return ImageFolderDataset(_split_folder(path, split), transform)
-    if name == "imagenet":
-        return ClassFolderDataset(_split_folder(path, split), transform)
+    if name in ("celebahq", "ffhq", "celeba", "imagenet"):
+        _refuse_captioned_data(name, path)
+        folder = _split_folder(path, split)
+        _refuse_captioned_data(name, folder)
+        if name == "imagenet":
+            return ClassFolderDataset(folder, transform)
+        return ImageFolderDataset(folder, transform)
     if name == "conceptual_captions":
         return CaptionedArrowDataset(path, transform, split)
     # shapes from disk
@@ -604,6 +608,23 @@ def build_dataset(
     if any(folder.glob("*.parquet")):
         return ShapesParquetDataset(folder, transform)
     return ImageFolderDataset(folder, transform, captions=True)
+
+
+def _refuse_captioned_data(name: str, path: Path) -> None:
+    """An image-folder dataset given a prep_cc.py output or img2dataset shards: say what the folder
+    holds and which dataset name reads it, rather than "no images in ..." (or, worse, images found
+    somewhere below and trained on without their captions)."""
+    if not path.is_dir():
+        return
+    expected = "class folders of images (root/<class>/<image>)" if name == "imagenet" else "a folder of images"
+    if _is_saved_hf_dataset(path):
+        raise UserError(f"dataset {name!r} expects {expected}, but {path} is a saved Hugging Face dataset "
+                        "(a prep_cc.py output); train on it as dataset conceptual_captions (or shapes)")
+    shards = sorted(path.glob("*.parquet"))
+    if shards:
+        raise UserError(f"dataset {name!r} expects {expected}, but {path} holds parquet shards ({shards[0].name}, ...: "
+                        "e.g. img2dataset output); run prep_cc.py on it and train as dataset conceptual_captions, "
+                        "or as dataset shapes")
 
 
 def split_holdout(dataset: Dataset, num_holdout: int, seed: int) -> tuple[Subset, Subset]:

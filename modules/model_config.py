@@ -50,12 +50,24 @@ class LDMConfig:
     scaling_constants: Dict[str, Optional[float]] = field(default_factory=dict)
 
 
-def split_overrides(overrides: Sequence[str]) -> Tuple[List[str], List[str]]:
-    """Separate ``--set`` overrides into (model-config ones, training-config ones) by first key."""
+def split_overrides(overrides: Sequence[str], training_sections: Optional[Sequence[str]] = None,
+                    ) -> Tuple[List[str], List[str]]:
+    """Separate ``--set`` overrides into (model-config ones, training-config ones) by first key.
+
+    With ``training_sections`` (the top-level keys of the trainer's training YAML), a first key
+    that is a section of neither file is a :class:`UserError` listing the sections of both.
+    """
     model, training = [], []
     for text in overrides:
         first = text.split("=", 1)[0].split(".", 1)[0].strip()
-        (model if first in MODEL_SECTIONS else training).append(text)
+        if first in MODEL_SECTIONS:
+            model.append(text)
+            continue
+        if training_sections is not None and "=" in text and first and first not in training_sections:
+            raise UserError(f"--set {text}: there is no section {first!r}; a key starts with a section of the "
+                            f"training config ({', '.join(training_sections)}) or of the model config "
+                            f"({', '.join(MODEL_SECTIONS)}), e.g. training_args.learning_rate=1e-4")
+        training.append(text)
     return model, training
 
 
@@ -73,22 +85,36 @@ def load_ldm_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> LD
     return ldm_config_from_dict(load_yaml(path), str(path), overrides)
 
 
-def scale_factor_for(config: LDMConfig, dataset: str, export_metadata: Optional[Mapping[str, Any]],
-                     config_path: str, vae_path: str) -> float:
-    """The latent scale: ``scaling_constants[dataset]``, else the VAE export's metadata, else an error.
+def scale_factor_for(config: LDMConfig, dataset: str, export_factors: Mapping[str, float],
+                     shipped_factor: Optional[float], config_path: str, vae_path: str,
+                     dataset_path: Optional[str] = None) -> float:
+    """The latent scale of training on ``dataset``, from the first of:
 
-    Never a silent 1.0: training on unscaled latents quietly ruins a diffusion model.
+    1. ``scaling_constants[dataset]`` of the model config;
+    2. the VAE export's factor for ``dataset`` (``export_factors``: its ``{dataset: factor}``,
+       one entry per ``compute_vae_scaling.py`` run);
+    3. ``shipped_factor``: the one a diffusers VAE folder ships in its config.json (its authors'
+       choice for any data, e.g. Stable Diffusion's 0.18215);
+
+    else a :class:`UserError` saying which datasets the export has factors for and the command
+    that computes the missing one. Never a silent 1.0, nor another dataset's factor: training on
+    wrongly scaled latents quietly ruins a diffusion model.
     """
     value = config.scaling_constants.get(dataset)
     if value is not None:
         if value <= 0:
             raise UserError(f"{config_path}: scaling_constants.{dataset} must be > 0, got {value}")
         return float(value)
-    meta_value = (export_metadata or {}).get("scaling_factor")
-    if isinstance(meta_value, (int, float)) and meta_value > 0:
-        return float(meta_value)
+    if dataset in export_factors:
+        return float(export_factors[dataset])
+    if shipped_factor is not None:
+        return float(shipped_factor)
+    have = (f"has factors only for {', '.join(sorted(export_factors))}" if export_factors
+            else "has no factor for any dataset yet")
+    command = f"python compute_vae_scaling.py --path_to_pretrained_weights {vae_path} --dataset {dataset}"
+    if dataset_path is not None:
+        command += f" --path_to_dataset {dataset_path}"
     raise UserError(
-        f"no latent scale factor for dataset {dataset!r}: none in {config_path} scaling_constants and none in "
-        f"{vae_path}'s metadata; run compute_vae_scaling.py --path_to_pretrained_weights {vae_path} --dataset {dataset} "
-        f"(add --write_to_config to store it in the config)"
+        f"no latent scale factor for dataset {dataset!r}: {vae_path} {have} and {config_path} has no "
+        f"scaling_constants.{dataset}; compute it with: {command} (add --write_to_config to also store it in the config)"
     )

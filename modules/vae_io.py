@@ -5,15 +5,18 @@ resolved ``vae:`` config in the metadata (``{"config": {"vae": {...}}, "producer
 ...}``, kind ``"vae"``), so stage 2, ``compute_vae_scaling.py`` and ``inference_ldm.py`` rebuild
 the network from that file alone. ``load_vae`` reads such a file, or a diffusers
 ``AutoencoderKL`` folder (e.g. Stable Diffusion's VAE), and checks strictly that the weights fit
-the config. ``set_export_metadata`` adds keys later (``compute_vae_scaling.py`` stores
-``scaling_factor`` and ``scaling_dataset`` this way).
+the config. ``set_export_metadata`` adds keys later: ``compute_vae_scaling.py`` stores the
+latent scale factor of each dataset it was run on as ``scaling_factors`` (``{"celebahq": 0.93,
+"shapes": 1.02}``), because the factor depends on the data as well as on the VAE
+(:func:`scaling_factors_from_metadata` also reads the single ``scaling_factor`` +
+``scaling_dataset`` of exports written before).
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -30,6 +33,8 @@ from modules.errors import UserError
 from modules.export import EXPORT_FORMAT, export_safetensors, read_export
 
 VAE_EXPORT_KIND = "vae"
+SCALING_FACTORS_KEY = "scaling_factors"  # {dataset: 1 / std of the latents on it}
+LEGACY_SCALING_KEYS = ("scaling_factor", "scaling_dataset")  # one factor per export, before scaling_factors
 # Metadata keys stored verbatim by safetensors (everything else is JSON-encoded).
 _PLAIN_METADATA_KEYS = ("format", "kind", "created")
 
@@ -60,10 +65,29 @@ def vae_config_from_metadata(metadata: Mapping[str, Any], path: Union[str, Path]
     return from_dict(VAEConfig, config["vae"], source=f"{path} (metadata)", prefix="vae.")
 
 
-def _apply_scaling(model: Autoencoder, metadata: Mapping[str, Any]) -> None:
-    factor = metadata.get("scaling_factor")
-    if isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 0:
-        model.scaling_factor = float(factor)
+def scaling_factors_from_metadata(metadata: Mapping[str, Any], path: Union[str, Path]) -> Dict[str, float]:
+    """The latent scale factors of a VAE export, ``{dataset: factor}`` (empty when none was computed).
+
+    Read from ``scaling_factors``; an export written before per-dataset factors holds one
+    ``scaling_factor`` with its ``scaling_dataset``, read as a one-entry mapping (an entry of
+    ``scaling_factors`` for the same dataset wins). A lone ``scaling_factor`` without a dataset
+    (a diffusers folder's, or a hand-made export's) belongs to no dataset and is not returned.
+    A factor that is not a positive number is a :class:`UserError` naming the file.
+    """
+    factors: Dict[str, Any] = {}
+    legacy_factor, legacy_dataset = (metadata.get(key) for key in LEGACY_SCALING_KEYS)
+    if isinstance(legacy_dataset, str) and legacy_factor is not None:
+        factors[legacy_dataset] = legacy_factor
+    stored = metadata.get(SCALING_FACTORS_KEY)
+    if stored is not None:
+        if not isinstance(stored, Mapping):
+            raise UserError(f"{path}: metadata {SCALING_FACTORS_KEY} must map dataset names to factors, got {stored!r}")
+        factors.update(stored)
+    for dataset, factor in factors.items():
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise UserError(f"{path}: metadata scaling factor of {dataset!r} must be a number > 0, got {factor!r}; "
+                            f"recompute it with compute_vae_scaling.py --dataset {dataset}")
+    return {str(dataset): float(factor) for dataset, factor in factors.items()}
 
 
 def load_vae(path: Union[str, Path], vae_config: Optional[VAEConfig] = None) -> Tuple[Autoencoder, VAEConfig, Dict[str, Any]]:
@@ -78,8 +102,9 @@ def load_vae(path: Union[str, Path], vae_config: Optional[VAEConfig] = None) -> 
 
     ``vae_config``, when given, replaces the config found with the file, and the weights must fit
     it: otherwise a :class:`UserError` names the missing / unexpected / mis-shaped tensors (and
-    says so specifically when VQ weights meet a KL config or the reverse). A metadata
-    ``scaling_factor`` is attached to the model as ``model.scaling_factor``.
+    says so specifically when VQ weights meet a KL config or the reverse). A diffusers folder's
+    ``scaling_factor`` is attached to the model as ``model.scaling_factor``; our exports keep one
+    factor per dataset (:func:`scaling_factors_from_metadata`), so theirs stays None.
     """
     path = Path(path)
     if not path.exists():
@@ -107,12 +132,13 @@ def load_vae(path: Union[str, Path], vae_config: Optional[VAEConfig] = None) -> 
                             "pass the model config whose vae: section it was trained with (--model_config)")
     model = build_autoencoder(vae_config)
     load_vae_state_dict_strict(model, tensors, str(path))
-    _apply_scaling(model, metadata)
     return model.eval(), vae_config, metadata
 
 
-def set_export_metadata(path: Union[str, Path], updates: Mapping[str, Any]) -> Dict[str, Any]:
-    """Add or replace metadata keys of a safetensors export in place; returns the decoded metadata.
+def set_export_metadata(path: Union[str, Path], updates: Mapping[str, Any],
+                        remove: Sequence[str] = ()) -> Dict[str, Any]:
+    """Add or replace metadata keys of a safetensors export in place, and drop the keys in
+    ``remove``; returns the decoded metadata.
 
     The tensors are kept bit for bit; values are JSON-encoded like :func:`export_safetensors`
     does. The file is rewritten through a temporary file and renamed, so an interruption never
@@ -130,9 +156,11 @@ def set_export_metadata(path: Union[str, Path], updates: Mapping[str, Any]) -> D
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as err:  # safetensors raises its own error types for corrupt headers
         raise UserError(f"{path}: not a readable safetensors file ({err})") from None
-    for key in updates:
+    for key in (*updates, *remove):
         if key in _PLAIN_METADATA_KEYS:
-            raise ValueError(f"metadata key {key!r} is managed by the exporter and cannot be set")
+            raise ValueError(f"metadata key {key!r} is managed by the exporter and cannot be set or removed")
+    for key in remove:
+        raw.pop(key, None)
     raw.setdefault("format", EXPORT_FORMAT)
     raw.update({key: json.dumps(value) for key, value in updates.items()})
     tmp = path.with_name(path.name + ".tmp")

@@ -94,3 +94,17 @@ def test_missing_and_invalid_files_are_clear_errors(tmp_path):
         load_config(Outer, write(tmp_path, "training_args: [\n"))
     with pytest.raises(UserError, match="must be a mapping"):
         from_dict(Outer, {"training_args": 3}, "f.yaml")
+
+
+def test_repeated_keys_and_tabs_are_errors_naming_the_line(tmp_path):
+    nested = "training_args:\n  learning_rate: 1.0e-4\n  name: a\n  learning_rate: 3.0e-4\n"
+    with pytest.raises(UserError, match=r"cfg\.yaml: duplicate key 'learning_rate' on line 4 \(first given on line 2\)"):
+        load_config(Outer, write(tmp_path, nested))
+    with pytest.raises(UserError, match=r"--set 'a={x: 1, x: 2}': duplicate key 'x' on line 1"):
+        apply_overrides({}, ["a={x: 1, x: 2}"])
+    # The same key in two different mappings, and YAML's merge key overriding on purpose, are fine.
+    assert parse_yaml_text("a: {x: 1}\nb: {x: 2}\n", "f") == {"a": {"x": 1}, "b": {"x": 2}}
+    assert parse_yaml_text("base: &b {x: 1, y: 2}\nrun:\n  <<: *b\n  x: 3\n", "f")["run"] == {"x": 3, "y": 2}
+    with pytest.raises(UserError, match=r"cfg\.yaml: invalid YAML \(line 2, column 1: indented with a tab; YAML "
+                                        r"indentation must be spaces\)"):
+        load_config(Outer, write(tmp_path, "training_args:\n\tlearning_rate: 1.0e-4\n"))

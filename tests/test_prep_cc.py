@@ -58,7 +58,8 @@ COLORS = {"wide.png": (220, 40, 40), "tall.jpg": (40, 180, 60), "square.jpg": (4
 EXPECTED_REAL = {"shards": 2, "rows read": 7, "kept": 4, "dropped": 3,
                  "dropped (status failed_to_download)": 1, "dropped (status failed_to_resize)": 1,
                  "dropped (missing image bytes)": 0, "dropped (empty caption)": 1,
-                 "dropped (undecodable image)": 0, "captions truncated": 1}
+                 "dropped (undecodable image)": 0, "captions truncated": 1,
+                 "captions with invalid UTF-8 (bytes replaced by U+FFFD)": 0, "incomplete shards skipped": 0}
 
 
 def parse_summary(stdout: str) -> dict[str, int]:

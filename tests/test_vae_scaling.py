@@ -17,10 +17,10 @@ from modules.autoencoder import AutoencoderKL, VAEConfig, VQModel, build_autoenc
 from modules.cli import run_main
 from modules.errors import UserError
 from modules.image_datasets import build_dataset, images_to_model
-from modules.model_config import load_ldm_config
+from modules.model_config import load_ldm_config, scale_factor_for
 from modules.shapes import write_shapes_folder
 from modules.export import read_export_metadata
-from modules.vae_io import load_vae, save_vae_export, set_export_metadata
+from modules.vae_io import load_vae, save_vae_export, scaling_factors_from_metadata, set_export_metadata
 
 import compute_vae_scaling as scaling
 
@@ -92,13 +92,13 @@ def one_process(assets, tmp_path_factory):
                      "--path_to_dataset", str(assets / "data"), "--batch_size", "4", "--num_workers", "0",
                      "--write_to_config", "--model_config", str(config)])
     return {"weights": Path(weights), "config": Path(config), "stdout": result.stdout,
-            "factor": read_export_metadata(weights)["scaling_factor"]}
+            "factor": read_export_metadata(weights)["scaling_factors"]["celebahq"]}
 
 
 def test_factor_makes_the_latents_unit_std_on_the_data(assets, one_process):
     factor = one_process["factor"]
     model, _, meta = load_vae(one_process["weights"])
-    assert meta["scaling_dataset"] == "celebahq" and model.scaling_factor == factor
+    assert meta["scaling_factors"] == {"celebahq": factor} and "scaling_factor" not in meta
     # Independent reference: all latents at once (same per-image noise), plain torch statistics.
     latents = scaling.encode_latents(model, all_images(assets), torch.arange(NUM_IMAGES), seed=0).double()
     assert (latents * factor).std(unbiased=False).item() == pytest.approx(1.0, abs=1e-6)
@@ -124,7 +124,7 @@ def test_two_processes_give_the_same_factor(assets, one_process, tmp_path):
     weights = shutil.copy(assets / "kl.safetensors", tmp_path / "kl.safetensors")
     script(["--path_to_pretrained_weights", str(weights), "--dataset", "celebahq",
             "--path_to_dataset", str(assets / "data"), "--batch_size", "3", "--num_workers", "0"], processes=2)
-    assert read_export_metadata(weights)["scaling_factor"] == pytest.approx(one_process["factor"], rel=1e-6)
+    assert read_export_metadata(weights)["scaling_factors"]["celebahq"] == pytest.approx(one_process["factor"], rel=1e-6)
 
 
 def test_vq_factor_uses_pre_quantization_latents(assets, tmp_path):
@@ -136,7 +136,7 @@ def test_vq_factor_uses_pre_quantization_latents(assets, tmp_path):
     with torch.no_grad():
         z_e = model.encode(all_images(assets)).double()
     assert factor == pytest.approx(1.0 / z_e.std(unbiased=False).item(), rel=1e-6)
-    assert read_export_metadata(weights)["scaling_factor"] == factor
+    assert read_export_metadata(weights)["scaling_factors"] == {"celebahq": factor}
 
 
 def test_diffusers_folder_gives_the_same_factor_and_is_left_alone(assets, one_process, tmp_path):
@@ -206,7 +206,46 @@ def test_bare_weights_read_with_the_model_config(assets, tmp_path):
     weights = shutil.copy(assets / "kl_bare.safetensors", tmp_path / "bare.safetensors")
     factor = scaling.main(["--path_to_pretrained_weights", str(weights), "--dataset", "celebahq",
                            "--path_to_dataset", str(assets / "data"), "--num_workers", "0", "--model_config", str(config)])
-    assert read_export_metadata(weights)["scaling_factor"] == factor
+    assert read_export_metadata(weights)["scaling_factors"] == {"celebahq": factor}
+
+
+def test_one_factor_per_dataset_kept_across_runs_and_old_exports_converted(assets, tmp_path):
+    """Another dataset adds its entry and keeps the others; a rerun replaces only its own; an export
+    of the single-factor format (scaling_factor + scaling_dataset) becomes a one-entry mapping."""
+    weights = shutil.copy(assets / "kl.safetensors", tmp_path / "kl.safetensors")
+    set_export_metadata(weights, {"scaling_factor": 0.25, "scaling_dataset": "ffhq"})  # as written before
+    assert scaling_factors_from_metadata(read_export_metadata(weights), weights) == {"ffhq": 0.25}
+    args = ["--path_to_pretrained_weights", str(weights), "--path_to_dataset", str(assets / "data"),
+            "--num_workers", "0", "--num_samples", "4"]
+    celebahq = scaling.main(args + ["--dataset", "celebahq"])
+    shapes = scaling.main(args + ["--dataset", "shapes", "--seed", "1"])
+    meta = read_export_metadata(weights)
+    assert meta["scaling_factors"] == {"ffhq": 0.25, "celebahq": celebahq, "shapes": shapes} and celebahq != shapes
+    assert "scaling_factor" not in meta and "scaling_dataset" not in meta
+    again = scaling.main(args + ["--dataset", "celebahq", "--seed", "2"])
+    assert read_export_metadata(weights)["scaling_factors"] == {"ffhq": 0.25, "celebahq": again, "shapes": shapes}
+    # A factor for no dataset (a diffusers folder's, a hand-made export's) belongs to none; a broken one is an error.
+    assert scaling_factors_from_metadata({"scaling_factor": 0.5}, weights) == {}
+    with pytest.raises(UserError, match="scaling factor of 'ffhq' must be a number > 0"):
+        scaling_factors_from_metadata({"scaling_factors": {"ffhq": -1.0}}, weights)
+
+
+def test_stage2_takes_the_factor_of_its_own_dataset():
+    """scaling_constants[dataset] first, then the export's entry for that dataset, then a diffusers
+    folder's shipped factor; never another dataset's entry."""
+    config = load_ldm_config(REPO_ROOT / "configs" / "ldm.yaml")  # every scaling_constants entry is null
+    factors = {"celebahq": 0.9, "shapes": 1.1}
+    assert scale_factor_for(config, "shapes", factors, None, "ldm.yaml", "vae.safetensors") == 1.1
+    assert scale_factor_for(config, "ffhq", {}, 0.18215, "ldm.yaml", "sd_vae") == 0.18215
+    config.scaling_constants["shapes"] = 0.7
+    assert scale_factor_for(config, "shapes", factors, None, "ldm.yaml", "vae.safetensors") == 0.7
+    with pytest.raises(UserError, match=r"no latent scale factor for dataset 'ffhq': vae\.safetensors has factors only "
+                                        r"for celebahq, shapes and ldm\.yaml has no scaling_constants\.ffhq; compute it "
+                                        r"with: python compute_vae_scaling\.py --path_to_pretrained_weights "
+                                        r"vae\.safetensors --dataset ffhq --path_to_dataset /data/ffhq "):
+        scale_factor_for(config, "ffhq", factors, None, "ldm.yaml", "vae.safetensors", "/data/ffhq")
+    with pytest.raises(UserError, match="has no factor for any dataset yet"):
+        scale_factor_for(config, "ffhq", {}, None, "ldm.yaml", "vae.safetensors")
 
 
 def test_num_samples_takes_a_seeded_subset(assets, tmp_path):
@@ -260,6 +299,8 @@ def test_set_export_metadata_keeps_tensors_and_other_keys(assets, tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     stored = read_export_metadata(path)
     assert stored == meta and stored["scaling_factor"] == 0.5 and stored["step"] == 1 and stored["kind"] == "vae"
+    meta = set_export_metadata(path, {"note": "x"}, remove=["scaling_dataset", "not_there"])
+    assert "scaling_dataset" not in read_export_metadata(path) and meta["note"] == "x" and meta["scaling_factor"] == 0.5
     assert not (tmp_path / "kl.safetensors.tmp").exists()
     with pytest.raises(ValueError, match="managed by the exporter"):
         set_export_metadata(path, {"kind": "unet"})
