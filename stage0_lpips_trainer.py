@@ -37,7 +37,7 @@ from modules.bapps import JNDDataset, TwoAFCDataset, available_categories
 from modules.checkpoints import CheckpointManager, write_resolved_config
 from modules.cli import add_common_training_args, positive_int, run_main
 from modules.data_loading import EpochSeeded, build_dataloader
-from modules.errors import UserError
+from modules.errors import OneLineArgumentParser, UserError
 from modules.export import describe_run
 from modules.loop import Backward, LoopConfig, Update, train_loop
 from modules.lpips import (
@@ -50,8 +50,9 @@ from modules.lpips import (
     two_afc_score,
 )
 from modules.metrics import MetricsLogger, device_peak_tflops, progress_bar
+from modules.paths import check_writable_folder
 from modules.performance import compile_modules
-from modules.optim import build_lr_scheduler
+from modules.optim import build_adam, build_lr_scheduler
 
 logger = logging.getLogger("ldm")
 # The value of a bare --mixed_precision (resolved to bf16 or fp16 right after parsing).
@@ -59,7 +60,7 @@ ASKED_FOR_MIXED_PRECISION = "asked"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--path_to_root", required=True, help="BAPPS folder holding 2afc/ (and optionally jnd/)")
     data.add_argument("--img_size", type=positive_int, default=64, help="images are resized to this side")
@@ -95,6 +96,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                             "the bare flag (the tutorial's) asks for it on any device: bf16, or fp16 on GPUs without bf16")
     train.add_argument("--compile", action="store_true",
                        help="torch.compile the metric (needs a C++ compiler on a CPU, Triton on a GPU)")
+    train.add_argument("--max_consecutive_nonfinite", type=positive_int, default=10, metavar="N",
+                       help="a step with a non-finite loss or gradient is skipped and counted; N in a row stop the run")
     train.add_argument("--peak_tflops", type=float, default=None,
                        help="one device's peak TFLOP/s for the logged MFU (default: the GPU's known bf16 peak)")
     evaluation = parser.add_argument_group("evaluation")
@@ -276,6 +279,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     work_dir = Path(args.work_dir)
     run_dir = work_dir / args.experiment_name
     final_path = work_dir / args.checkpoint_name
+    if not args.evaluation_only:  # now, not at the end of the first epoch
+        check_writable_folder(work_dir, "--work_dir")
+        check_writable_folder(run_dir, "--experiment_name")
 
     # -- accelerator ------------------------------------------------------------------
     accelerator = build_accelerator(args.mixed_precision, 1, args.seed, bool(args.log_wandb), run_dir)
@@ -302,7 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
         compile_modules([metric], accelerator.device)
     objective = TwoAFCObjective(metric, head)
     parameters = list(metric.trainable_parameters()) + list(head.parameters())
-    optimizer = torch.optim.Adam(parameters, lr=args.initial_lr, betas=(0.5, 0.999))
+    optimizer = build_adam(parameters, lr=args.initial_lr, betas=(0.5, 0.999))
     workers = loader_workers(args.num_workers, len(train_set), args.batch_size, accelerator.num_processes, True)
     loader = build_dataloader(train_set, args.batch_size, shuffle=True, num_workers=workers, drop_last=True,
                               seed=args.seed)
@@ -323,6 +329,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
 
     # -- resume -------------------------------------------------------------------------
     checkpoints = CheckpointManager(accelerator, run_dir, total_limit=args.checkpoints_total_limit or None)
+    checkpoints.check_shared_filesystem()
     if args.resume_from_checkpoint is None:
         checkpoints.check_fresh_start()
     seed_per_process(accelerator, args.seed)  # before resume: a checkpoint's saved RNG states then win
@@ -362,7 +369,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     logger.info("training %s LPIPS on %d triplets: %d epochs x %d steps, %d process(es)", args.backbone,
                 len(train_set), total_epochs, steps_per_epoch, accelerator.num_processes)
     peak = args.peak_tflops if args.peak_tflops is not None else device_peak_tflops(accelerator.device)
-    config = LoopConfig(peak_tflops=peak, total_steps=total_steps, logging_steps=args.logging_steps, checkpoint_every=steps_per_epoch,
+    config = LoopConfig(peak_tflops=peak, checkpoint_every_minutes=args.checkpoint_every_minutes,
+                        stop_check_steps=args.stop_check_steps, max_consecutive_nonfinite=args.max_consecutive_nonfinite,
+                        total_steps=total_steps, logging_steps=args.logging_steps, checkpoint_every=steps_per_epoch,
                         images_per_step=args.batch_size * accelerator.num_processes, per_gpu_batch_size=args.batch_size,
                         stop_after_steps=args.stop_after_steps, desc="stage0", plot_keys=("loss", "accuracy", "lr"))
     train_loop(accelerator, loader=loader, models=[objective], step_fn=train_step, state=state, config=config,

@@ -72,7 +72,7 @@ from modules.config import find_config_file, load_config, load_yaml, to_dict
 from modules.data_loading import EpochSeeded, build_dataloader
 from modules.discriminator import DiscriminatorConfig, NLayerDiscriminator, convert_to_sync_batchnorm
 from modules.ema import EMA
-from modules.errors import UserError
+from modules.errors import OneLineArgumentParser, UserError
 from modules.export import describe_run
 from modules.image_datasets import build_dataset, dataset_conditioning, images_to_model, split_holdout
 from modules.image_metrics import psnr, ssim
@@ -81,6 +81,7 @@ from modules.metrics import MetricsLogger
 from modules.performance import SpeedArgs, compile_modules, to_channels_last
 from modules.model_config import LDMConfig, ldm_config_from_dict, split_overrides
 from modules.optim import build_adamw, build_lr_scheduler
+from modules.paths import check_writable_folder
 from modules.vae_io import save_vae_export
 from modules.vae_loss import VAELoss, VAELossConfig
 
@@ -153,6 +154,7 @@ class Stage1TrainingArgs(SpeedArgs, VAELossConfig):
     gradient_accumulation_steps: int = 1
     max_grad_norm: Optional[float] = None
     disc_max_grad_norm: Optional[float] = None
+    max_consecutive_nonfinite: int = 10  # skipped non-finite steps in a row that stop the run (modules/nonfinite.py)
     checkpoint_iterations: int = 5000
     checkpoints_total_limit: Optional[int] = 3
     val_generation_freq: int = 1000
@@ -205,7 +207,7 @@ class Stage1Config:
 
 def load_configs(args: argparse.Namespace) -> tuple[Stage1Config, LDMConfig]:
     """The training config and the model config with the training YAML's vae: overrides and --set applied."""
-    model_overrides, training_overrides = split_overrides(args.overrides)
+    model_overrides, training_overrides = split_overrides(args.overrides, [f.name for f in fields(Stage1Config)])
     training_path = find_config_file(args.training_config, REPO_ROOT)
     config = load_config(Stage1Config, training_path, training_overrides)
     model_path = find_config_file(args.model_config, REPO_ROOT)
@@ -225,8 +227,8 @@ def load_configs(args: argparse.Namespace) -> tuple[Stage1Config, LDMConfig]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_folder_args(parser, "VAETrainer", DEFAULT_TRAINING_CONFIG, "model YAML whose vae: section is trained",
                         "reconstruction")
     add_common_training_args(parser)
@@ -273,8 +275,11 @@ def build_perceptual(train: Stage1TrainingArgs) -> Optional[nn.Module]:
             f"(--work_dir {path.parent} --checkpoint_name {path.stem}.pt writes {path}), point lpips_checkpoint at "
             "another stage-0 export, or set training_args.use_lpips_package=true (needs the pretrained VGG trunk)"
         )
+    from modules.export import check_export_kind, read_export_metadata
     from modules.lpips import load_lpips_export
 
+    if path.suffix == ".safetensors":  # a VAE or LDM export here is a common mix-up: say what it is
+        check_export_kind(read_export_metadata(path), path, "lpips", "training_args.lpips_checkpoint")
     metric, _ = load_lpips_export(path)
     if metric.backbone != train.lpips_backbone:
         raise UserError(f"training_args.lpips_checkpoint {path} holds a {metric.backbone!r} LPIPS but lpips_backbone is "
@@ -399,11 +404,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
     run_dir = working_dir / args.experiment_name
     gens_dir = Path(args.path_to_save_gens) if args.path_to_save_gens else run_dir / "gens"
     export_path = working_dir / "model.safetensors"
+    check_writable_folder(working_dir, "--working_directory")  # now, not at the first checkpoint
+    check_writable_folder(run_dir, "--experiment_name")
+    check_writable_folder(gens_dir, "--path_to_save_gens")
 
     # -- accelerator ------------------------------------------------------------------
     accelerator = build_accelerator(train.mixed_precision, train.gradient_accumulation_steps, train.seed,
                                     log_wandb, run_dir, train.allow_tf32)
     checkpoints = CheckpointManager(accelerator, run_dir, total_limit=train.checkpoints_total_limit)
+    checkpoints.check_shared_filesystem()
     if args.resume_from_checkpoint is None:
         checkpoints.check_fresh_start()  # before any slow work
 
@@ -504,6 +513,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
                 train.per_gpu_batch_size, train.gradient_accumulation_steps, accelerator.num_processes,
                 train.disc_start)
     loop_config = LoopConfig(
+        checkpoint_every_minutes=args.checkpoint_every_minutes, stop_check_steps=args.stop_check_steps,
+        max_consecutive_nonfinite=train.max_consecutive_nonfinite,
         peak_tflops=train.resolved_peak_tflops(accelerator.device),
         total_steps=train.total_training_iterations, logging_steps=train.logging_steps,
         checkpoint_every=train.checkpoint_iterations, validate_every=train.val_generation_freq,

@@ -2,7 +2,9 @@
 
 Latent Diffusion (Rombach et al. 2022, sec. 3.3): images are encoded once more by the frozen
 stage-1 autoencoder, the latents are scaled to unit variance (``scaling_constants[<dataset>]``
-of the model config, else the VAE export's ``scaling_factor``, else an error), and a UNet
+of the model config, else the VAE export's factor for ``<dataset>`` from compute_vae_scaling.py,
+else a diffusers VAE folder's own ``scaling_factor``, else an error naming the command that
+computes it; never another dataset's factor), and a UNet
 learns to predict the noise (or v, or x0) of ``z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps``
 (DDPM, Ho et al. 2020, eq. 14). What it is conditioned on follows the dataset:
 
@@ -50,14 +52,14 @@ import torch
 
 from modules.accelerator import build_accelerator, seed_per_process, weight_dtype
 from modules.batching import Collate
-from modules.checkpoints import CheckpointManager, write_resolved_config
+from modules.checkpoints import CheckpointManager, check_shared_folder, write_resolved_config
 from modules.cli import add_common_training_args, add_run_folder_args, run_main
 from modules.config import find_config_file, load_config, to_dict
 from modules.data_loading import build_dataloader
 from modules.diffusion import NoiseSchedule, diffusion_loss, sample_noise, sample_timesteps
 from modules.ema import EMA
-from modules.errors import UserError
-from modules.export import describe_run, read_export_metadata
+from modules.errors import OneLineArgumentParser, UserError
+from modules.export import check_export_kind, describe_run, read_export_metadata
 from modules.image_datasets import build_dataset, dataset_conditioning, images_to_model
 from modules.latent_cache import (
     CachedLatentDataset,
@@ -73,6 +75,7 @@ from modules.metrics import MetricsLogger
 from modules.performance import SpeedArgs, compile_modules, to_channels_last
 from modules.model_config import load_ldm_config, scale_factor_for, split_overrides
 from modules.optim import build_adamw, build_lr_scheduler
+from modules.paths import check_writable_folder
 from modules.text_encoder import encoder_source
 from modules.unet import UNet, UNetConfig
 
@@ -95,6 +98,7 @@ class Stage2TrainingArgs(SpeedArgs):
     per_gpu_batch_size: int = 32
     gradient_accumulation_steps: int = 1
     max_grad_norm: Optional[float] = 1.0
+    max_consecutive_nonfinite: int = 10  # skipped non-finite steps in a row that stop the run (modules/nonfinite.py)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.01
@@ -161,8 +165,8 @@ class Stage2Config:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_folder_args(parser, "DiffusionTrainer", "configs/stage2_diffusion_train.yaml",
                         "YAML with unet:, diffusion:, scaling_constants: (and vae:)", "sample")
     parser.add_argument("--path_to_vae_backbone", required=True,
@@ -182,7 +186,8 @@ def resolve_shipped_path(path: str, what: str) -> Path:
 
 def load_configs(args: argparse.Namespace):
     """(training_args, model config, model config path) with the ``--set`` overrides applied."""
-    model_overrides, training_overrides = split_overrides(args.overrides)
+    model_overrides, training_overrides = split_overrides(args.overrides,
+                                                          [f.name for f in dataclasses.fields(Stage2Config)])
     training_config_path = resolve_shipped_path(args.training_config, "--training_config")
     model_config_path = resolve_shipped_path(args.model_config, "--model_config")
     train_cfg = load_config(Stage2Config, training_config_path, training_overrides).training_args
@@ -384,22 +389,29 @@ class FrozenVAE(NamedTuple):
     export_state: Dict[str, torch.Tensor]  # float32 weights as loaded (the live copy may be bf16/fp16)
 
 
-def load_frozen_vae(vae_path: Path, ldm, dataset: str, model_config_path: Path, img_size: Optional[int],
-                    device: torch.device, weight_dtype: torch.dtype) -> FrozenVAE:
-    """Load ``--path_to_vae_backbone``, check it against the UNet, find the latent scale, freeze it.
+def load_frozen_vae(vae_path: Path, ldm, dataset: str, dataset_path: Optional[str], model_config_path: Path,
+                    img_size: Optional[int], device: torch.device, weight_dtype: torch.dtype) -> FrozenVAE:
+    """Load ``--path_to_vae_backbone``, check it against the UNet, find the latent scale of
+    ``dataset``, freeze it.
 
     Its architecture comes with its weights (export metadata, diffusers config.json); only a bare
     weights file without a config falls back to the model config's ``vae:`` section.
     """
-    from modules.vae_io import load_vae
+    from modules.vae_io import VAE_EXPORT_KIND, load_vae, scaling_factors_from_metadata
 
-    fallback = ldm.vae if vae_path.is_file() and "config" not in read_export_metadata(vae_path) else None
+    fallback = None
+    if vae_path.is_file():
+        export_metadata = read_export_metadata(vae_path)
+        check_export_kind(export_metadata, vae_path, VAE_EXPORT_KIND, "--path_to_vae_backbone")
+        fallback = ldm.vae if "config" not in export_metadata else None
     vae, vae_config, metadata = load_vae(vae_path, fallback)
     if vae.latent_channels != ldm.unet.in_channels or vae.latent_channels != ldm.unet.out_channels:
         raise UserError(
             f"{vae_path} has {vae.latent_channels} latent channels but {model_config_path} has unet.in_channels "
             f"{ldm.unet.in_channels} and unet.out_channels {ldm.unet.out_channels}; they must be equal")
-    scaling_factor = scale_factor_for(ldm, dataset, metadata, str(model_config_path), str(vae_path))
+    shipped = metadata.get("scaling_factor") if metadata.get("kind") == "diffusers" else None
+    scaling_factor = scale_factor_for(ldm, dataset, scaling_factors_from_metadata(metadata, vae_path), shipped,
+                                      str(model_config_path), str(vae_path), dataset_path)
     shift_factor = float(metadata.get("shift_factor") or getattr(vae, "shift_factor", None) or 0.0)
     size = img_size or vae_config.img_size
     if size % vae.downsample_factor != 0:
@@ -467,6 +479,8 @@ def build_train_set(args: argparse.Namespace, train_cfg: Stage2TrainingArgs, bas
     if not train_cfg.cache_latents:
         return FlipAugmented(base_dataset, seed, enabled=train_cfg.random_flip)
     cache_dir = Path(train_cfg.latent_cache_dir) if train_cfg.latent_cache_dir else run_dir / "latent_cache"
+    if train_cfg.latent_cache_dir:  # the run folder is checked at start; every rank writes its part here
+        check_shared_folder(accelerator, cache_dir, "training_args.latent_cache_dir")
     model = vae.model
     fingerprint = {  # what changes the cached numbers (build_latent_cache adds its dtype and the text encoder)
         "dataset": args.dataset,
@@ -543,18 +557,24 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     run_dir = working_dir / args.experiment_name
     gens_dir = Path(args.path_to_save_gens) if args.path_to_save_gens else run_dir / "samples"
     export_path = working_dir / "model.safetensors"
+    check_writable_folder(working_dir, "--working_directory")  # now, not at the first checkpoint
+    check_writable_folder(run_dir, "--experiment_name")
+    check_writable_folder(gens_dir, "--path_to_save_gens")
+    if train_cfg.cache_latents and train_cfg.latent_cache_dir:
+        check_writable_folder(Path(train_cfg.latent_cache_dir), "training_args.latent_cache_dir")
 
     # -- accelerator --------------------------------------------------------------------
     accelerator = build_accelerator(train_cfg.mixed_precision, train_cfg.gradient_accumulation_steps, seed,
                                     log_wandb, run_dir, train_cfg.allow_tf32)
     device, frozen_dtype = accelerator.device, weight_dtype(accelerator.mixed_precision)
     checkpoints = CheckpointManager(accelerator, run_dir, total_limit=train_cfg.checkpoints_total_limit)
+    checkpoints.check_shared_filesystem()
     if args.resume_from_checkpoint is None:
         checkpoints.check_fresh_start()  # before any slow work
 
     # -- models -------------------------------------------------------------------------
-    vae = load_frozen_vae(Path(args.path_to_vae_backbone), ldm, args.dataset, model_config_path, train_cfg.img_size,
-                          device, frozen_dtype)
+    vae = load_frozen_vae(Path(args.path_to_vae_backbone), ldm, args.dataset, args.path_to_dataset, model_config_path,
+                          train_cfg.img_size, device, frozen_dtype)
     text_encoder, text_encoder_state = None, None
     if conditioning == "text":
         text_encoder, text_encoder_state = load_text_encoder(ldm, train_cfg, model_config_path, device, frozen_dtype)
@@ -667,6 +687,8 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
                 train_cfg.total_training_iterations, train_cfg.per_gpu_batch_size,
                 train_cfg.gradient_accumulation_steps, accelerator.num_processes, len(loader))
     loop_config = LoopConfig(
+        checkpoint_every_minutes=args.checkpoint_every_minutes, stop_check_steps=args.stop_check_steps,
+        max_consecutive_nonfinite=train_cfg.max_consecutive_nonfinite,
         peak_tflops=train_cfg.resolved_peak_tflops(device),
         total_steps=train_cfg.total_training_iterations, logging_steps=train_cfg.logging_steps,
         checkpoint_every=train_cfg.checkpoint_iterations, validate_every=train_cfg.val_generation_freq,

@@ -38,6 +38,7 @@ class TrainerState:
     num_processes: int = 0   # the run's shape, for a resume on another one (0: not recorded)
     per_gpu_batch_size: int = 0
     flops_per_step: int = 0  # one process's model FLOPs per optimizer step, counted in the run's first (0: not yet)
+    nonfinite_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient (modules/nonfinite.py)
 
     def to_json(self) -> Dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -69,6 +70,11 @@ class CheckpointManager:
         found = self.checkpoints()
         return found[-1][1] if found else None
 
+    def check_shared_filesystem(self) -> None:
+        """With several processes, stop unless every rank sees the run folder rank 0 writes to
+        (:func:`check_shared_folder`); call it before any slow work."""
+        check_shared_folder(self.accelerator, self.run_dir, "the run folder (--working_directory/--experiment_name)")
+
     def check_fresh_start(self) -> None:
         """Refuse to start a new run over an old one's checkpoints (nothing is overwritten)."""
         existing = self.checkpoints()
@@ -89,10 +95,18 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
+        try:
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state.to_json(), indent=2))
+        except OSError as err:  # a full disk, a quota, a vanished mount: the older checkpoints stay complete
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = self.latest()
+            raise UserError(f"{final}: the checkpoint could not be written ({err.strerror or err}); it was removed, "
+                            f"and the last complete one, {last.name if last else 'none'}, is untouched: free space "
+                            "(or fix the folder) and continue with --resume_from_checkpoint latest") from None
         if acc.is_main_process:
-            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state.to_json(), indent=2))
             if final.exists():  # same step saved twice (e.g. a stop right after a periodic save)
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -145,6 +159,44 @@ class CheckpointManager:
         return state
 
 
+
+
+def check_shared_folder(accelerator, folder: Union[str, Path], what: str) -> None:
+    """Every rank must see the files rank 0 writes in ``folder`` (a multi-node run on node-local
+    disks would silently save and restore only some ranks' RNG states and cache parts).
+
+    Rank 0 writes a marker with a fresh random token; each rank reads it back; the ranks that cannot
+    are gathered and named in one :class:`UserError`, raised on every rank. Nothing to do with one
+    process.
+    """
+    acc = accelerator
+    if acc.num_processes == 1:
+        return
+    import socket
+    import uuid
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    folder = Path(folder)
+    marker = folder / ".shared_filesystem_check"
+    token = [uuid.uuid4().hex if acc.is_main_process else None]
+    if acc.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(token[0])
+    broadcast_object_list(token, from_process=0)
+    acc.wait_for_everyone()
+    try:
+        seen = marker.read_text() == token[0]
+    except OSError:
+        seen = False
+    blind = [f"rank {rank} on {host}" for rank, host, ok in
+             gather_object([(acc.process_index, socket.gethostname(), seen)]) if not ok]
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise UserError(f"{folder}: {what} must be on a filesystem every process sees, but {', '.join(blind)} cannot "
+                        f"see the file rank 0 wrote there; put it on a shared filesystem (NFS, Lustre, ...)")
 
 
 def write_resolved_config(accelerator, run_dir: Union[str, Path], config: Mapping[str, Any],

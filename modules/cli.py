@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence
 
-from modules.errors import UserError
+from modules.errors import Interrupted, UserError
 
 USER_ERROR_EXIT_CODE = 2
 
@@ -37,6 +37,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
 def add_common_training_args(parser: argparse.ArgumentParser, with_overrides: bool = True) -> None:
     """Flags every trainer takes beyond the tutorial's own (DESIGN: 'Beyond the tutorial').
 
@@ -56,6 +67,13 @@ def add_common_training_args(parser: argparse.ArgumentParser, with_overrides: bo
     group.add_argument("--stop_after_steps", type=positive_int, default=None, metavar="N",
                        help="save a checkpoint and stop after N optimizer steps in this invocation "
                             "(for wall-time-limited jobs; continue with --resume_from_checkpoint latest)")
+    group.add_argument("--checkpoint_every_minutes", type=positive_float, default=None, metavar="M",
+                       help="also save a checkpoint when M minutes have passed since the last one (bounds what a "
+                            "hard kill can lose; SIGTERM and SIGINT always save one before stopping)")
+    group.add_argument("--stop_check_steps", type=positive_int, default=10, metavar="N",
+                       help="with several processes, the ranks agree every N optimizer steps whether to stop "
+                            "(a signal) or save (--checkpoint_every_minutes): one tiny all-reduce (default 10; "
+                            "one process checks every step for free)")
 
 
 def add_run_folder_args(parser: argparse.ArgumentParser, experiment_name: str, training_config: str,
@@ -94,12 +112,49 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split("\n"))
 
 
+# How long a rank other than 0 waits before it prints its own user error (see report_user_error).
+OTHER_RANKS_ERROR_DELAY_S = 3.0
+
+
+def report_user_error(line: str) -> None:
+    """Print a user error's one line, once per run rather than once per process.
+
+    Under ``accelerate launch`` with several processes every rank usually fails on the same input.
+    Rank 0 prints at once; another rank waits a moment, in which torch's elastic agent, seeing rank
+    0 fail, ends it, so the line appears once; a rank that is still alive after the wait failed on
+    its own and prints. The line also goes to the agent's error file (``TORCHELASTIC_ERROR_FILE``),
+    so the failure summary the launcher prints after it names our message instead of "To enable
+    traceback see ...".
+    """
+    import json
+    import os
+    import time
+
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass
+    if int(os.environ.get("RANK", "0")) != 0:
+        time.sleep(OTHER_RANKS_ERROR_DELAY_S)
+    print(line, file=sys.stderr, flush=True)
+
+
 def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> None:
-    """Run a script's ``main(argv)``; a :class:`UserError` becomes one line on stderr and exit code 2."""
+    """Run a script's ``main(argv)``; a :class:`UserError` becomes one line on stderr and exit code 2;
+    a run stopped by a signal after its checkpoint (:class:`Interrupted`, already said in the log)
+    exits with 128 + the signal's number."""
+    from modules.preemption import die_with_launcher
+
+    die_with_launcher()
     try:
         main(argv)
+    except Interrupted as stop:
+        sys.exit(128 + stop.signum)
     except UserError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        report_user_error(f"error: {one_line(err)}")
         sys.exit(USER_ERROR_EXIT_CODE)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from modules.preemption import ignore_stop_signals, kill_workers_at_exit
+
 
 def derive_seed(*numbers: int) -> int:
     """A well-mixed 63-bit seed from a tuple of integers (numpy's SeedSequence)."""
@@ -96,6 +98,8 @@ def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool, num_worke
     Training workers persist across epochs (no re-spawn of many workers per epoch); memory is pinned on
     GPU machines so the copy to the device can overlap compute (``non_blocking``). The loader's
     own generator seeds the workers, so creating an iterator never shifts the training randomness.
+    Workers ignore SIGTERM and SIGINT, so a stop request reaches the training loop with the
+    workers still serving the step in flight (:mod:`modules.preemption`).
     """
     sampler = None
     if shuffle:
@@ -104,6 +108,8 @@ def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool, num_worke
         sampler = EpochSampler(len(dataset), seed, shuffle=True)
     generator = torch.Generator()
     generator.manual_seed(seed)
+    if num_workers > 0:
+        kill_workers_at_exit()  # they ignore SIGTERM, which multiprocessing's exit would wait on
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -114,4 +120,5 @@ def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool, num_worke
         persistent_workers=shuffle and num_workers > 0,  # training loaders only: evaluation ones end their workers
         generator=generator,
         collate_fn=collate_fn,
+        worker_init_fn=ignore_stop_signals,  # SIGTERM/SIGINT are the main process's to handle (modules/preemption.py)
     )

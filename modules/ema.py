@@ -9,7 +9,7 @@ Buffers (e.g. BatchNorm statistics) are copied, not averaged.
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -43,8 +43,12 @@ class EMA:
         return min(self.decay, (1.0 + n) / (10.0 + n))
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        """Fold ``model``'s weights in, if ``step`` (optimizer steps done) calls for it."""
+    def update(self, model: nn.Module, step: int, apply: Optional[torch.Tensor] = None) -> None:
+        """Fold ``model``'s weights in, if ``step`` (optimizer steps done) calls for it.
+
+        ``apply``: a 0-dim bool device tensor; where False (the optimizer step was skipped, see
+        :mod:`modules.nonfinite`) nothing is folded in, decided on the device (no host read).
+        """
         if step < self.start_step:
             self.copy_from(model)
             return
@@ -53,9 +57,15 @@ class EMA:
         decay = self.current_decay()
         ema_params = [p for p in self.model.parameters()]
         params = [p.detach().to(dtype=e.dtype) for p, e in zip(model.parameters(), ema_params)]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        if apply is None:
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        else:
+            by_kind: Dict[Any, torch.Tensor] = {}  # one weight tensor per (device, dtype)
+            weights = [by_kind.setdefault((e.device, e.dtype), (1.0 - decay) * apply.to(device=e.device, dtype=e.dtype))
+                       for e in ema_params]
+            torch._foreach_lerp_(ema_params, params, weights)
         for ema_buf, buf in zip(self.model.buffers(), model.buffers()):
-            ema_buf.copy_(buf)
+            ema_buf.copy_(torch.where(apply.to(ema_buf.device), buf, ema_buf) if apply is not None else buf)
         self.num_updates += 1
 
     @torch.no_grad()

@@ -18,7 +18,13 @@ share, written once:
   ``torch.utils.flop_counter``: matmuls, convolutions, attention) are counted once, in the first
   optimizer step of a fresh run, and kept in the checkpoints;
 - validation / sample grids every ``validate_every`` steps and at the last step;
-- checkpoints every ``checkpoint_every`` steps, at the last step and at ``--stop_after_steps``;
+- checkpoints every ``checkpoint_every`` steps, every ``checkpoint_every_minutes``, at the last
+  step and at ``--stop_after_steps``; none with non-finite weights (the last good one stays);
+- SIGTERM / SIGINT: the step in flight finishes, a checkpoint is written, the run ends with
+  :class:`modules.errors.Interrupted` (:mod:`modules.preemption`; all ranks stop at one step);
+- non-finite losses or gradients: the update is skipped on the device and counted
+  (``nonfinite_steps`` in the logs); ``max_consecutive_nonfinite`` in a row stop the run with a
+  message naming the step (:mod:`modules.nonfinite`);
 - the data position (epoch, micro-batches consumed) for an exact resume mid-epoch;
 - at the end: ``export()`` (all processes call it; it writes on the main process), the loss plot,
   the tracker's end.
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -39,7 +46,10 @@ import torch
 from modules.accelerator import gather_mean
 from modules.checkpoints import CheckpointManager, TrainerState
 from modules.ema import EMA
+from modules.errors import Interrupted, UserError
 from modules.metrics import MetricsLogger, progress_bar
+from modules.nonfinite import NonFiniteGuard, all_finite
+from modules.preemption import StopAgreement, StopSignals
 
 logger = logging.getLogger("ldm")
 
@@ -92,6 +102,10 @@ class LoopConfig:
     stop_after_steps: checkpoint and stop after this many steps of this invocation
     (``--stop_after_steps``). validate_every: None for no periodic validation. peak_tflops: one
     device's peak (TFLOP/s) for the MFU figure; None: MFU is not logged (``tflops`` still is).
+    checkpoint_every_minutes: also checkpoint when this much time has passed since the last one
+    (``--checkpoint_every_minutes``). stop_check_steps: how often several ranks agree on a stop
+    (``--stop_check_steps``). max_consecutive_nonfinite: skipped non-finite steps in a row that
+    stop the run.
     """
 
     total_steps: int
@@ -104,6 +118,9 @@ class LoopConfig:
     desc: str = "train"
     plot_keys: Sequence[str] = ("loss", "lr")
     peak_tflops: Optional[float] = None
+    checkpoint_every_minutes: Optional[float] = None
+    stop_check_steps: int = 10
+    max_consecutive_nonfinite: int = 10
 
 
 # training_args keys that every YAML-configured trainer has, with one meaning (README: "one loop").
@@ -128,7 +145,7 @@ def check_clip_norm(args: Any, key: str) -> None:
 def check_loop_keys(args: Any) -> None:
     """Validate the shared keys of a trainer's ``training_args`` (raises ValueError naming the key);
     also turns YAML's bare ``no``/``yes`` (read as booleans) into mixed_precision ``no``/``auto``."""
-    check_at_least(args, LOOP_KEYS_AT_LEAST_ONE, 1)
+    check_at_least(args, LOOP_KEYS_AT_LEAST_ONE + ("max_consecutive_nonfinite",), 1)
     check_at_least(args, ("lr_warmup_steps", "num_workers"), 0)
     if not args.learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {args.learning_rate}")
@@ -217,6 +234,8 @@ def train_loop(
 ) -> bool:
     """Train from ``state`` (fresh or resumed) to ``config.total_steps``; returns True when finished
     (and exported), False when stopped early by ``stop_after_steps`` (a checkpoint was written).
+    Raises :class:`Interrupted` after the checkpoint of a SIGTERM / SIGINT, and :class:`UserError`
+    when too many steps in a row were non-finite or the weights are no longer finite.
 
     models: the prepared modules being trained (put in train mode; their gradients are not synced
     between the micro-batches of an accumulation). validate(step): writes samples / validation
@@ -242,15 +261,46 @@ def train_loop(
     lrs: Dict[str, float] = {}
     finished = state.step >= cfg.total_steps
     stopping = False
+    interrupted: Optional[int] = None  # the signal all ranks agreed to stop on
+    scaler = getattr(accelerator, "scaler", None)
+    guard = NonFiniteGuard(accelerator.device, cfg.max_consecutive_nonfinite,
+                           loss_scaling=scaler is not None and scaler.is_enabled())
+    nonfinite_before = state.nonfinite_steps  # the checkpoint's count; the guard counts this invocation's
+    signals = StopSignals()
+    agreement = StopAgreement(accelerator, signals, cfg.stop_check_steps, cfg.checkpoint_every_minutes)
+
+    def read_guard() -> None:
+        """Bring the guard's counts to the host; stop the run after too many non-finite steps."""
+        total, _, limit_step = guard.read(accelerator)
+        state.nonfinite_steps = nonfinite_before + total
+        if limit_step is not None:
+            last = checkpoints.latest()
+            raise UserError(
+                f"step {limit_step}: {cfg.max_consecutive_nonfinite} optimizer steps in a row had a non-finite loss or "
+                f"gradient (skipped; {state.nonfinite_steps} in all), so the run stops. "
+                f"The last checkpoint, {last.name if last else 'none'}, is untouched: lower the learning rate or check "
+                "the data, then --resume_from_checkpoint latest (max_consecutive_nonfinite sets the limit)")
+
+    def save_checkpoint() -> None:
+        read_guard()
+        if not all_finite([accelerator.unwrap_model(m) for m in models]):
+            last = checkpoints.latest()
+            raise UserError(f"step {state.step}: the weights are no longer finite (NaN or inf), so no checkpoint is "
+                            f"written; the last good one, {last.name if last else 'none'}, is kept")
+        checkpoints.save(state)
+        agreement.saved()
+
     for model in models:
         model.train()
     tick = time.perf_counter()
     try:
+        signals.__enter__()
         while not (finished or stopping):
             loader.set_epoch(state.epoch)  # reaches the EpochSampler: order and augmentation of this epoch
             batches = skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
             for batch in batches:
                 state.batch_in_epoch += 1
+                step_ok: Optional[torch.Tensor] = None  # all updates of this optimizer step applied (device)
                 counting = flops_per_step is None  # the run's first optimizer step: count its FLOPs
                 with accelerator.accumulate(*models):
                     # Forward (the step function up to each yield) and backward are counted; the
@@ -266,9 +316,18 @@ def train_loop(
                         if item is None:
                             break
                         update = item.update
-                        if accelerator.sync_gradients and update.max_grad_norm is not None:
-                            window.add({update.key("grad_norm"): clip_gradients(accelerator, update)})
-                        stepped[id(update)] = (update, optimizer_step(accelerator, update))
+                        guard.note_loss(item.loss)
+                        if accelerator.sync_gradients:
+                            norm = None
+                            if update.max_grad_norm is not None:
+                                norm = clip_gradients(accelerator, update)
+                                window.add({update.key("grad_norm"): norm})
+                            ok = guard.verdict(norm, update.parameters)
+                            step_ok = ok if step_ok is None else step_ok & ok
+                            with guard.applying(update.optimizer, ok):
+                                stepped[id(update)] = (update, optimizer_step(accelerator, update))
+                        else:
+                            stepped[id(update)] = (update, optimizer_step(accelerator, update))  # accelerate: no-op
                         update.optimizer.zero_grad(set_to_none=True)
                         window.add(item.logs)
                 if not accelerator.sync_gradients:
@@ -292,22 +351,29 @@ def train_loop(
                     if update.after_step is not None:
                         update.after_step()
                     for ema, module in update.emas:
-                        ema.update(module, state.step + 1)
+                        ema.update(module, state.step + 1, apply=step_ok)
                 stepped.clear()
                 state.step += 1
                 state.skipped_steps += int(skipped)
+                if step_ok is not None:
+                    guard.end_step(state.step, step_ok)
                 steps_this_run += 1
                 now = time.perf_counter()
                 train_seconds, timed_steps = train_seconds + (now - tick), timed_steps + 1
                 bar.update(1)
                 finished = state.step >= cfg.total_steps
                 stopping = cfg.stop_after_steps is not None and steps_this_run >= cfg.stop_after_steps and not finished
+                signum, checkpoint_due = agreement.check(state.step)
+                if signum is not None and not finished:
+                    interrupted, stopping = signum, True
 
                 if state.step % cfg.logging_steps == 0 or finished or stopping:
+                    read_guard()
                     means = gather_mean(accelerator, window.means())
                     means.update(lrs)
                     means["epoch"] = state.epoch
                     means["skipped_steps"] = state.skipped_steps
+                    means["nonfinite_steps"] = state.nonfinite_steps
                     means.update(speed(cfg, flops_per_step, timed_steps, train_seconds))
                     metrics_log.log(means, state.step)
                     shown = {k: f"{means[k]:.4f}" for k in ("loss", "total", "rec") if k in means}
@@ -316,10 +382,11 @@ def train_loop(
                         shown["mfu"] = f"{means['mfu']:.1%}"
                     bar.set_postfix(**shown, epoch=state.epoch)
                     window, train_seconds, timed_steps = _Window(), 0.0, 0
-                if validate is not None and (finished or (cfg.validate_every and state.step % cfg.validate_every == 0)):
+                if validate is not None and interrupted is None and (
+                        finished or (cfg.validate_every and state.step % cfg.validate_every == 0)):
                     validate(state.step)
-                if state.step % cfg.checkpoint_every == 0 or finished or stopping:
-                    checkpoints.save(state)
+                if state.step % cfg.checkpoint_every == 0 or finished or stopping or checkpoint_due:
+                    save_checkpoint()
                 tick = time.perf_counter()  # checkpoints and validation are not training time
                 if finished or stopping:
                     break
@@ -327,9 +394,15 @@ def train_loop(
                 state.epoch += 1
                 state.batch_in_epoch = 0
     finally:
+        signals.__exit__()
         bar.close()  # also on errors, so that an error message starts on a line of its own
 
-    if stopping:
+    if interrupted is not None:
+        if accelerator.is_main_process:
+            logger.warning("stopped by %s at step %d of %d: saved %s; continue with --resume_from_checkpoint latest",
+                           signal.Signals(interrupted).name, state.step, cfg.total_steps,
+                           checkpoints.run_dir / f"checkpoint_{state.step}")
+    elif stopping:
         logger.info("stopped at step %d of %d (--stop_after_steps %d); continue with --resume_from_checkpoint latest",
                     state.step, cfg.total_steps, cfg.stop_after_steps)
     elif export is not None:
@@ -340,6 +413,8 @@ def train_loop(
     # process group, so no collective may follow it.
     accelerator.wait_for_everyone()
     metrics_log.finish()
+    if interrupted is not None:
+        raise Interrupted(interrupted, state.step, checkpoints.run_dir / f"checkpoint_{state.step}")
     return not stopping
 
 

@@ -23,14 +23,24 @@ def build_adamw(parameters: Iterable[torch.nn.Parameter], **kwargs: Any) -> torc
 
     The update rule is AdamW's either way; the fused kernel updates all parameters at once instead
     of torch's per-parameter Python loop (the CPU default), which is ~20% of a small UNet's CPU
-    training step (``benchmarks/bench_unet.py --optimizer default|fused``). Parameters on any other
-    device type keep the default implementation.
+    training step (``benchmarks/bench_unet.py --optimizer default|fused``). It also takes a
+    ``found_inf`` tensor, so a non-finite step is skipped on the device (:mod:`modules.nonfinite`).
+    Parameters on any other device type keep the default implementation.
     """
+    return _fused_where_possible(torch.optim.AdamW, parameters, **kwargs)
+
+
+def build_adam(parameters: Iterable[torch.nn.Parameter], **kwargs: Any) -> torch.optim.Adam:
+    """``torch.optim.Adam`` (no decoupled weight decay: stage 0's optimizer), fused as :func:`build_adamw`."""
+    return _fused_where_possible(torch.optim.Adam, parameters, **kwargs)
+
+
+def _fused_where_possible(optimizer_class, parameters: Iterable[torch.nn.Parameter], **kwargs: Any):
     parameters = list(parameters)
     fused = bool(parameters) and all(
         p.device.type in FUSED_OPTIMIZER_DEVICES and p.is_floating_point() for p in parameters
     )
-    return torch.optim.AdamW(parameters, fused=True if fused else None, **kwargs)
+    return optimizer_class(parameters, fused=True if fused else None, **kwargs)
 
 
 def lr_multiplier(step: int, schedule: str, warmup_steps: int, total_steps: int,

@@ -80,7 +80,7 @@ def read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
 
 
 def checkpoint_steps(run_dir: Path) -> List[int]:
-    return sorted(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    return sorted(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*") if p.is_dir() and p.suffix != ".tmp")
 
 
 def table_rows(stdout: str) -> Dict[str, List]:
@@ -284,6 +284,42 @@ def test_resume_after_epoch_one_equals_uninterrupted_run(uninterrupted, tiny_tre
         records = [json.loads(line) for line in (w / "LPIPSTrainer" / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k not in SPEED_KEYS} for r in records]
     assert curve(work) == curve(full_work) and len(curve(work)) == 5
+
+
+def test_sigkill_during_a_mid_epoch_save_then_resume_equals_uninterrupted_run(uninterrupted, tiny_tree, tmp_path):
+    """With 2 loader workers and --checkpoint_every_minutes small enough to checkpoint after every step,
+    the run is SIGKILLed while it writes checkpoint_5 (mid-epoch: 6 steps per epoch); ``accelerate
+    launch ... --resume_from_checkpoint latest`` continues from checkpoint_4, mid-epoch, and ends with
+    the uninterrupted run's weights and ranking head, bit for bit."""
+    import signal
+
+    from interrupts import kill_during_save_command, start, was_killed
+
+    full_work, _ = uninterrupted
+    work = tmp_path / "work"
+    flags = [f for f in SMALL_FLAGS]
+    flags[flags.index("--num_workers") + 1] = "2"
+    common = ["--path_to_root", str(tiny_tree), "--work_dir", str(work), *flags, "--checkpoints_total_limit", "0"]
+    killed = start(kill_during_save_command(str(TRAINER), [*common, "--checkpoint_every_minutes", "1e-6"], 5),
+                   REPO_ROOT, child_env(), tmp_path / "logs")
+    assert was_killed(killed.wait(TIMEOUT), signal.SIGKILL), killed.output()[-3000:]
+    assert checkpoint_steps(work / "LPIPSTrainer") == [1, 2, 3, 4]
+    assert (work / "LPIPSTrainer" / "checkpoint_5.tmp").is_dir()
+    state = json.loads((work / "LPIPSTrainer" / "checkpoint_4" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"]) == (0, 4)
+
+    result = subprocess.run([str(ACCELERATE), "launch", "--num_processes", "1", "--num_machines", "1",
+                             "--dynamo_backend", "no", str(TRAINER), *common, "--resume_from_checkpoint", "latest"],
+                            cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr and "checkpoint_4 at step 4 (epoch 0, batch 4)" in result.stderr
+    full, resumed = read_safetensors(full_work / "lpips.safetensors"), read_safetensors(work / "lpips.safetensors")
+    assert sorted(full) == sorted(resumed)
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    heads = [torch.load(w / "lpips.pt", weights_only=True)["ranking_head"] for w in (full_work, work)]
+    for key in heads[0]:
+        assert torch.equal(heads[0][key], heads[1][key]), key
 
 
 # ---- 4. two processes -----------------------------------------------------------------------------------

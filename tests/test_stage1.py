@@ -315,6 +315,22 @@ def test_negative_kl_weight_is_one_line_error_from_the_command_line(tmp_path, as
     assert len(lines) == 1 and "kl_weight must be >= 0, got -1e-06" in lines[0], result.stderr
 
 
+def test_user_error_under_a_two_process_launch_is_said_once_and_named_in_the_launchers_summary(tmp_path, assets):
+    """Both ranks fail on the same bad value: our line is printed once (rank 1 waits, and the elastic
+    agent ends it once rank 0 has failed), and torch's failure summary, which the launcher prints
+    after it, shows that line instead of "To enable traceback see ..."."""
+    args = ["stage1_vae_trainer.py"] + bad_input_command(tmp_path, assets, assets["data"],
+                                                         with_sets(["training_args.kl_weight=-1e-6"]))
+    result = launch(args, processes=2, check=False)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    message = f"error: {REPO_ROOT}/configs/stage1_vae_train.yaml (with --set overrides): training_args: " \
+              "kl_weight must be >= 0, got -1e-06"
+    assert ours == [message], result.stderr[-3000:]
+    assert f"traceback : {message}" in result.stderr
+    assert "To enable traceback see" not in result.stderr
+
+
 def test_config_errors_name_the_key(tmp_path, assets, capsys, fresh_log_handler):
     code, err = run_in_process(bad_input_command(tmp_path, assets, assets["data"],
                                                  with_sets(["training_args.per_gpu_batch_size=0"])), capsys)
@@ -453,3 +469,51 @@ def test_compiled_training_matches_eager(tmp_path, assets, fresh_log_handler, mo
         for key in ("total", "rec", "d_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
     assert load_file(compiled / "model.safetensors").keys() == load_file(eager / "model.safetensors").keys()
+
+
+# ---- preemption: SIGTERM to the launcher, SIGKILL during a checkpoint save, resume ---------------------------
+
+def test_sigterm_to_the_launcher_then_a_kill_during_a_save_then_resume_equals_uninterrupted(assets, tmp_path):
+    """One process under ``accelerate launch`` with 2 loader workers, 40 steps, GAN from step 4.
+    SIGTERM to the launcher alone (which forwards nothing: the trainer asked the kernel for SIGTERM
+    when its launcher dies) stops the run after the step in flight with a checkpoint and exit 143
+    (read from the log: the launcher is gone); the resumed run is SIGKILLed while it writes its next
+    checkpoint (files in checkpoint_<N>.tmp, not renamed); the second resume ignores the broken save,
+    continues from the last complete checkpoint and ends with the uninterrupted run's weights."""
+    import signal
+
+    from interrupts import kill_during_save_command, signal_launcher, start, wait_for_step, was_killed
+
+    sets = ["training_args.total_training_iterations=40", "training_args.num_workers=2",
+            "training_args.checkpoint_iterations=10", "training_args.val_generation_freq=1000",
+            "training_args.checkpoints_total_limit=2"]
+    command = lambda work, extra=(): tutorial_kl_command(work, assets["data"], tmp_path / "gens", assets["lpips"],
+                                                         with_sets(sets) + list(extra))
+    reference = tmp_path / "reference"
+    launch(command(reference))
+
+    work = tmp_path / "work"
+    run_dir = work / "VAETrainer"
+    first = start([ACCELERATE, "launch", *command(work)], REPO_ROOT, env(), tmp_path / "logs1")
+    wait_for_step(first, run_dir, 3)
+    signal_launcher(first, signal.SIGTERM)
+    stopped = sorted(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*"))
+    assert len(stopped) == 1 and 3 <= stopped[0] < 40, first.output()[-3000:]
+    k = stopped[0]
+    assert f"stopped by SIGTERM at step {k} of 40" in first.stderr.read_text()
+    assert not (work / "model.safetensors").exists()
+
+    save_at = (k // 10 + 1) * 10  # the next periodic checkpoint of the resumed run
+    script_argv = command(work, ["--resume_from_checkpoint", "latest"])
+    second = start(kill_during_save_command(script_argv[0], script_argv[1:], save_at), REPO_ROOT, env(),
+                   tmp_path / "logs2")
+    assert was_killed(second.wait(), signal.SIGKILL)
+    assert (run_dir / f"checkpoint_{save_at}.tmp" / "model.safetensors").is_file()  # the save was under way
+    assert not (run_dir / f"checkpoint_{save_at}").exists()
+
+    launch(command(work, ["--resume_from_checkpoint", "latest"]))
+    resumed, full = load_file(str(work / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    assert resumed.keys() == full.keys()
+    for name in full:
+        assert torch.equal(resumed[name], full[name]), name
+    assert not list(run_dir.glob("*.tmp"))  # the broken save was cleared by the next save of that step

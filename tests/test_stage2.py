@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 import stage2_diffusion_trainer as s2
 from modules.autoencoder import VAEConfig, build_autoencoder
 from modules.cli import run_main
+from modules.image_datasets import DATASET_NAMES
 from modules.latent_cache import cache_is_complete
 from modules.ldm_io import load_ldm_export
 from modules.model_config import load_ldm_config
@@ -51,7 +52,8 @@ def _vae(path: Path, latent_channels: int = 4, scaling_factor=0.5) -> Path:
     torch.manual_seed(0)
     cfg = VAEConfig(img_size=IMG, vae_channels_per_block=[8, 16], norm_num_groups=4, latent_channels=latent_channels,
                     residual_layers_per_block=1, attention_layers=0)
-    meta = {} if scaling_factor is None else {"scaling_factor": scaling_factor}
+    # compute_vae_scaling.py keeps one factor per dataset; this VAE has one for each dataset the tests use.
+    meta = {} if scaling_factor is None else {"scaling_factors": {name: scaling_factor for name in DATASET_NAMES}}
     return save_vae_export(build_autoencoder(cfg), cfg, path, meta)
 
 
@@ -293,7 +295,8 @@ def test_resume_equals_uninterrupted_bit_for_bit(assets, uninterrupted, tmp_path
     assert stopped.step == 2 and stopped.export_path is None and not (tmp_path / "model.safetensors").exists()
     assert json.loads((tmp_path / "DiffusionTrainer/checkpoint_2/trainer_state.json").read_text()) == \
         {"step": 2, "epoch": 0, "batch_in_epoch": 4, "skipped_steps": 0, "num_processes": 1, "per_gpu_batch_size": 2,
-         "flops_per_step": json.loads((tmp_path / "DiffusionTrainer/checkpoint_1/trainer_state.json").read_text())["flops_per_step"]}
+         "flops_per_step": json.loads((tmp_path / "DiffusionTrainer/checkpoint_1/trainer_state.json").read_text())["flops_per_step"],
+         "nonfinite_steps": 0}
     resumed = s2.main(argv + ["--resume_from_checkpoint", "latest"])
     assert resumed.step == 4
     full = load_file(str(full_work / "model.safetensors"))
@@ -676,3 +679,191 @@ def test_compiled_training_matches_eager(assets, tmp_path):
     loss = lambda r: [json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(loss(compiled), loss(eager), rtol=1e-4)
     assert load_file(compiled.export_path).keys() == load_file(eager.export_path).keys()
+
+
+# ----------------------------------------------------------------------------------------
+# Preemption and numerical faults (modules/preemption.py, modules/nonfinite.py)
+# ----------------------------------------------------------------------------------------
+
+def _nan_loss_at(monkeypatch, calls, poison=None):
+    """denoising_loss returns NaN at the given call indices (one call per optimizer step with no
+    accumulation); ``poison(unet, call)`` may also damage the weights."""
+    real, seen = s2.denoising_loss, {"n": 0}
+
+    def loss_fn(unet, *args, **kwargs):
+        loss, logs = real(unet, *args, **kwargs)
+        call = seen["n"]
+        seen["n"] += 1
+        if poison is not None:
+            poison(unet, call)
+        return (loss * float("nan") if call in calls else loss), logs
+    monkeypatch.setattr(s2, "denoising_loss", loss_fn)
+
+
+def _unet_state(run: Path, step: int) -> dict:
+    return load_file(str(run / f"checkpoint_{step}" / "model.safetensors"))
+
+
+def test_non_finite_steps_are_skipped_counted_and_leave_weights_and_ema_alone(assets, tmp_path, monkeypatch):
+    _nan_loss_at(monkeypatch, {1, 2})
+    result = s2.main(inprocess_argv(assets, tmp_path, gradient_accumulation_steps=1, max_consecutive_nonfinite=3))
+    run = result.run_dir
+    assert result.step == 4 and result.export_path.is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_steps"] for r in records] == [0, 1, 2, 2]
+    assert json.loads((run / "checkpoint_4" / "trainer_state.json").read_text())["nonfinite_steps"] == 2
+    # Steps 2 and 3 changed nothing: the weights, the optimizer's moments and step count, the EMA.
+    one, three = _unet_state(run, 1), _unet_state(run, 3)
+    assert all(torch.equal(one[k], three[k]) for k in one)
+    opt = lambda s: torch.load(run / f"checkpoint_{s}" / "optimizer.bin", weights_only=False)["state"]
+    assert all(torch.equal(opt(1)[i]["exp_avg"], opt(3)[i]["exp_avg"]) and float(opt(3)[i]["step"]) == 1
+               for i in opt(1))
+    ema = lambda s: torch.load(run / f"checkpoint_{s}" / "custom_checkpoint_1.pkl", weights_only=False)["model"]
+    assert all(torch.equal(ema(1)[k], ema(3)[k]) for k in ema(1))
+    four = _unet_state(run, 4)
+    assert not all(torch.equal(three[k], four[k]) for k in three)  # step 4 trains again
+    assert all(torch.isfinite(v).all() for v in load_file(str(result.export_path)).values())
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_the_run_naming_the_step(assets, tmp_path, monkeypatch, capsys):
+    _nan_loss_at(monkeypatch, {1, 2, 3})
+    argv = inprocess_argv(assets, tmp_path, gradient_accumulation_steps=1, max_consecutive_nonfinite=2)
+    with pytest.raises(SystemExit) as stop:
+        run_main(s2.main, argv)
+    assert stop.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: step 3: 2 optimizer steps in a row had a non-finite loss or gradient")
+    assert "checkpoint_2" in line
+    run = tmp_path / "DiffusionTrainer"
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_1", "checkpoint_2"]
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_a_checkpoint_with_non_finite_weights_is_never_written(assets, tmp_path, monkeypatch, capsys):
+    def poison(unet, call):
+        if call == 2:  # during step 3: as if a bad kernel wrote NaN into a weight
+            with torch.no_grad():
+                next(unet.parameters()).view(-1)[0] = float("nan")
+    _nan_loss_at(monkeypatch, set(), poison)
+    with pytest.raises(SystemExit) as stop:
+        run_main(s2.main, inprocess_argv(assets, tmp_path, gradient_accumulation_steps=1))
+    assert stop.value.code == 2
+    assert "error: step 3: the weights are no longer finite (NaN or inf), so no checkpoint is written; " \
+           "the last good one, checkpoint_2, is kept" in capsys.readouterr().err
+    run = tmp_path / "DiffusionTrainer"
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_1", "checkpoint_2"]
+    assert all(torch.isfinite(v).all() for v in _unet_state(run, 2).values())
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_to_the_same_weights(assets, uninterrupted, tmp_path,
+                                                                               monkeypatch):
+    """SIGTERM arrives in the first micro-batch of step 3: step 3 ends, checkpoint_3 is written, the run
+    stops (Interrupted: exit 143 from the command line) and resumes to the uninterrupted weights."""
+    import signal
+
+    from modules.errors import Interrupted
+
+    real, seen = s2.denoising_loss, {"n": 0}
+
+    def loss_fn(*args, **kwargs):
+        seen["n"] += 1
+        if seen["n"] == 5:  # micro-batches 1-4 are steps 1 and 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(s2, "denoising_loss", loss_fn)
+    argv = inprocess_argv(assets, tmp_path)
+    with pytest.raises(Interrupted) as stop:
+        s2.main(argv)
+    assert (stop.value.signum, stop.value.step) == (signal.SIGTERM, 3)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the loop's only
+    run = tmp_path / "DiffusionTrainer"
+    assert json.loads((run / "checkpoint_3" / "trainer_state.json").read_text())["step"] == 3
+    assert not (tmp_path / "model.safetensors").exists()
+    monkeypatch.setattr(s2, "denoising_loss", real)
+    s2.main(argv + ["--resume_from_checkpoint", "latest"])
+    full, again = load_file(str(uninterrupted[1] / "model.safetensors")), load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(full[k], again[k]) for k in full)
+
+
+def preemption_argv(assets, work: Path) -> list[str]:
+    """40 short steps on shapes with 2 loader workers per process; checkpoints only when asked."""
+    sets = train_sets(assets["prompts"], total_training_iterations=40, per_gpu_batch_size=2, shapes_num_images=16,
+                      num_workers=2, checkpoint_iterations=1000, val_generation_freq=1000, checkpoints_total_limit=2,
+                      num_inference_steps=2)
+    return tutorial_argv(work, assets["vae"], "shapes", None, work / "gens") + unet_sets(assets["clip"]) + sets
+
+
+def test_two_processes_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(assets, tmp_path):
+    """Under ``accelerate launch --multi_gpu`` with two CPU processes: SIGTERM to the launcher (the
+    elastic agent forwards it) stops both ranks after the same step (a multiple of --stop_check_steps)
+    with a checkpoint holding both RNG states; the resumed run, checkpointing every few seconds
+    (--checkpoint_every_minutes), is SIGKILLed whole; the second resume ends with the weights of an
+    uninterrupted two-process run, bit for bit."""
+    import signal
+
+    from interrupts import kill_everything, logged_steps, signal_launcher, start, wait_for_step
+
+    reference = tmp_path / "reference"
+    launch(preemption_argv(assets, reference), processes=2)
+
+    work = tmp_path / "work"
+    run_dir = work / "DiffusionTrainer"
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend",
+           "no", "stage2_diffusion_trainer.py", *preemption_argv(assets, work), "--stop_check_steps", "2"]
+    first = start(cmd, REPO, env, tmp_path / "logs1")
+    wait_for_step(first, run_dir, 3)
+    assert signal_launcher(first, signal.SIGTERM) != 0
+    stopped = [p.name for p in run_dir.glob("checkpoint_*")]
+    assert len(stopped) == 1, first.output()[-3000:]
+    k = int(stopped[0].split("_")[1])
+    assert k % 2 == 0 and 4 <= k < 40
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(files_under(run_dir / stopped[0]))
+    assert first.stderr.read_text().count(f"stopped by SIGTERM at step {k} of 40") == 1
+    assert not (work / "model.safetensors").exists()
+
+    second = start(cmd + ["--resume_from_checkpoint", "latest", "--checkpoint_every_minutes", "0.001"], REPO, env,
+                   tmp_path / "logs2")
+    wait_for_step(second, run_dir, k + 8)
+    kill_everything(second)
+    assert max(logged_steps(run_dir)) < 40 and not (work / "model.safetensors").exists()
+    latest = max(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*") if p.name.split("_")[1].isdigit())
+    assert latest > k  # time-based checkpoints were written after the resume
+
+    launch(preemption_argv(assets, work) + ["--resume_from_checkpoint", "latest"], processes=2)
+    full, again = load_file(str(reference / "model.safetensors")), load_file(str(work / "model.safetensors"))
+    assert full.keys() == again.keys()
+    assert all(torch.equal(full[k_], again[k_]) for k_ in full)
+
+
+def test_a_full_disk_during_a_checkpoint_save_keeps_the_last_good_checkpoint(assets, uninterrupted, tmp_path,
+                                                                             monkeypatch, capsys):
+    """ENOSPC half-way through writing checkpoint_3 (one file written): one line naming the checkpoint and
+    the error, the partial folder removed, checkpoint_2 untouched; resuming from it finishes the run
+    with the uninterrupted weights."""
+    import errno
+
+    from accelerate import Accelerator
+
+    real = Accelerator.save_state
+
+    def full_disk(self, output_dir=None, **kwargs):
+        if output_dir.endswith("checkpoint_3.tmp"):
+            Path(output_dir, "model.safetensors").write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, output_dir, **kwargs)
+    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    argv = inprocess_argv(assets, tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        run_main(s2.main, argv)
+    assert stop.value.code == 2
+    run = tmp_path / "DiffusionTrainer"
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"error: {run}/checkpoint_3: the checkpoint could not be written (No space left on device); it "
+                    "was removed, and the last complete one, checkpoint_2, is untouched: free space (or fix the folder) "
+                    "and continue with --resume_from_checkpoint latest")
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint_1", "checkpoint_2"]
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    s2.main(argv + ["--resume_from_checkpoint", "latest"])
+    full, again = load_file(str(uninterrupted[1] / "model.safetensors")), load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(full[k], again[k]) for k in full)

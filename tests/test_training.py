@@ -207,7 +207,8 @@ def test_export_round_trip_and_metadata(tmp_path):
     loaded, meta = read_export(path, expected_kind="vae")
     assert torch.equal(loaded["w"], tensors["w"])
     assert meta["config"] == {"a": [1, 2]} and meta["step"] == 7 and meta["kind"] == "vae"
-    with pytest.raises(UserError, match="expected 'unet'"):
+    with pytest.raises(UserError, match=r"is a stage-1 VAE export \(stage1_vae_trainer.py's <working_directory>/"
+                                         r"model.safetensors\); expected an export of kind 'unet'"):
         read_export(path, expected_kind="unet")
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(UserError, match="not a readable safetensors"):
@@ -293,3 +294,36 @@ def test_metrics_logger_writes_jsonl_truncates_on_resume_and_plots(tmp_path):
     assert [r["step"] for r in metrics.read()] == [1, 2, 3]
     png = metrics.plot(["loss"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nonfinite_guard_skips_on_the_device_and_counts_streaks():
+    """Fused AdamW skips through found_inf (no host read); an optimizer without it falls back to
+    leaving the step out; the counts name the step at which the streak reached the limit."""
+    from host_syncs import HostSyncCounter
+    from modules.nonfinite import NonFiniteGuard
+
+    for fused in (True, False):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.AdamW([p], lr=0.1, fused=True) if fused else torch.optim.SGD([p], lr=0.1, momentum=0.9)
+        guard = NonFiniteGuard(torch.device("cpu"), max_consecutive=2)
+        history = []
+        for step, value in enumerate([1.0, float("nan"), float("inf"), 1.0, float("nan")], start=1):
+            loss = (p * value).sum()
+            loss.backward()
+            guard.note_loss(loss)
+            ok = guard.verdict(None, [p])
+            with HostSyncCounter() as syncs:
+                with guard.applying(opt, ok):
+                    opt.step()
+            assert (syncs.events == []) == fused  # the fallback reads the verdict once
+            opt.zero_grad(set_to_none=True)
+            guard.end_step(step, ok)
+            history.append(p.detach().clone())
+        assert not torch.equal(history[0], torch.ones(3))
+        assert torch.equal(history[0], history[1]) and torch.equal(history[1], history[2])  # NaN, inf: skipped
+        assert not torch.equal(history[2], history[3]) and torch.equal(history[3], history[4])
+        assert all(torch.isfinite(h).all() for h in history)
+
+        class One:
+            num_processes = 1
+        assert guard.read(One()) == (3, 1, 3)  # 3 skipped; the streak of 2 was reached at step 3
