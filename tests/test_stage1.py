@@ -331,6 +331,36 @@ def test_user_error_under_a_two_process_launch_is_said_once_and_named_in_the_lau
     assert "To enable traceback see" not in result.stderr
 
 
+def test_a_run_folder_that_one_rank_cannot_see_stops_with_one_line_naming_it(tmp_path, assets):
+    """Two processes where rank 1 behaves like a node with its own local disk: it cannot read the
+    marker rank 0 writes into the run folder (its reads of that file fail as on another machine).
+    Every rank stops before any training with the line naming rank 1 and its host."""
+    import socket
+
+    wrapper = tmp_path / "rank1_on_another_disk.py"
+    wrapper.write_text(
+        "import os, pathlib, runpy, sys\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    real = pathlib.Path.read_text\n"
+        "    def read_text(self, *a, **k):\n"
+        "        if self.name == '.shared_filesystem_check':\n"
+        "            raise FileNotFoundError(str(self))\n"
+        "        return real(self, *a, **k)\n"
+        "    pathlib.Path.read_text = read_text\n"
+        f"sys.argv[0] = {str(REPO_ROOT / 'stage1_vae_trainer.py')!r}\n"
+        f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    work = tmp_path / "work"
+    args = [str(wrapper)] + tutorial_kl_command(work, assets["data"], tmp_path / "gens", assets["lpips"])[1:]
+    result = launch(args, processes=2, check=False)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert ours == [f"error: {work / 'VAETrainer'}: the run folder (--working_directory/--experiment_name) must be "
+                    f"on a filesystem every process sees, but rank 1 on {socket.gethostname()} cannot see the file "
+                    "rank 0 wrote there; put it on a shared filesystem (NFS, Lustre, ...)"], result.stderr[-3000:]
+    assert not list((work / "VAETrainer").glob("checkpoint_*")) and not (work / "VAETrainer" / ".shared_filesystem_check").exists()
+
+
 def test_config_errors_name_the_key(tmp_path, assets, capsys, fresh_log_handler):
     code, err = run_in_process(bad_input_command(tmp_path, assets, assets["data"],
                                                  with_sets(["training_args.per_gpu_batch_size=0"])), capsys)
