@@ -15,8 +15,17 @@ Usage (the tutorial's command):
       --training_dataset "conceptual_captions" --prompt "A beautiful sunset at the beach"
 
 ``--model_config`` and ``--training_dataset`` are checked against the export and only used when
-the file does not say (its own config describes its weights); ``--output`` is a PNG file (several
-images: one grid) or a folder (one PNG per image; default ``generated/``).
+the file does not say (its own config describes its weights). ``--prompts_file`` takes one prompt
+per line ('#' lines and blank lines skipped). ``--output`` is a folder (default ``generated/``):
+one PNG per image, ``<prompt>-seed<S>.png``, and with ``--num_images`` > 1 a grid per prompt,
+``<prompt>-grid.png``; or, for one prompt, a single ``.png`` file (a grid of its images).
+
+Image i of a prompt is drawn with seed ``--seed`` + i from its own generator, so any one image
+can be made again alone (``--seed S+i --num_images 1``), and ``--batch_size`` (images per UNet
+batch) changes the speed, not the images. Every PNG carries its settings as PNG text, and a
+``parameters`` text in the form the Stable Diffusion web UIs read (:mod:`modules.generation_record`).
+Without ``--guidance_scale``, the guidance stage 2 drew its sample grids with (recorded in the
+export) is used, and said.
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ import math
 import random
 import re
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,6 +44,7 @@ from modules.config import to_dict
 from modules.errors import OneLineArgumentParser, UserError
 from modules.image_datasets import DATASET_NAMES, build_image_transform, images_to_model
 from modules.export import check_export_kind, read_export_metadata
+from modules.generation_record import file_sha256, read_prompts, save_png
 from modules.ldm_io import LDM_EXPORT_KIND, LatentDiffusion, load_ldm_export
 from modules.model_config import LDMConfig, load_ldm_config
 from modules.paths import check_writable_file, check_writable_folder
@@ -54,13 +64,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--text_conditional", action="store_true", help="the model is text-conditional (checked)")
     parser.add_argument("--training_dataset", default=None,
                         help="the dataset the model was trained on (checked against the export)")
-    parser.add_argument("--prompt", default=None, help="text prompt (text-conditional models)")
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", default=None, help="text prompt (text-conditional models)")
+    prompts.add_argument("--prompts_file", default=None,
+                         help="a text file of prompts, one per line ('#' lines and blank lines skipped)")
     parser.add_argument("--negative_prompt", default=None,
                         help="what to steer away from: the unconditional branch of guidance (default: \"\")")
     parser.add_argument("--class_label", default=None,
                         help="class index or class folder name (class-conditional models)")
-    parser.add_argument("--num_images", type=positive_int, default=1)
-    parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance weight (1 = off)")
+    parser.add_argument("--num_images", type=positive_int, default=1, help="images per prompt (or per class)")
+    parser.add_argument("--batch_size", type=positive_int, default=4,
+                        help="images per UNet batch (speed and memory only: the images do not depend on it)")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="classifier-free guidance weight (1 = off; default: the guidance stage 2 drew its "
+                             "sample grids with, from the export, else 7.5)")
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     parser.add_argument("--num_inference_steps", type=positive_int, default=50)
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0 = deterministic)")
@@ -153,12 +170,66 @@ def warn_if_truncated(model: LatentDiffusion, text: str, flag: str) -> None:
                        "the rest is dropped", flag, len(ids), encoder.max_length)
 
 
-def output_paths(output: str, count: int, slug: str, seed: int) -> List[Path]:
-    """One PNG path per image in a folder, or a single file (a grid when count > 1)."""
-    out = Path(output)
-    if out.suffix.lower() == ".png":
-        return [out]
-    return [out / f"{slug}-seed{seed}-{i:03d}.png" for i in range(count)]
+DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's, for exports that record none
+
+
+def resolve_guidance(given: Optional[float], model: LatentDiffusion) -> float:
+    """``--guidance_scale``, else the guidance of stage 2's sample grids (the export's
+    ``training_config.guidance_scale``), else :data:`DEFAULT_GUIDANCE`; the choice is logged."""
+    if given is not None:
+        return given
+    recorded = (model.metadata.get("training_config") or {}).get("guidance_scale")
+    if isinstance(recorded, (int, float)) and not isinstance(recorded, bool):
+        logger.info("guidance %.3g: the export's (stage 2 drew its sample grids with it); --guidance_scale overrides",
+                    recorded)
+        return float(recorded)
+    logger.info("guidance %.3g (the export records none; --guidance_scale sets it)", DEFAULT_GUIDANCE)
+    return DEFAULT_GUIDANCE
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "sample"
+
+
+def conditions(args: argparse.Namespace, model: LatentDiffusion) -> List[Tuple[str, dict]]:
+    """(file-name stem, generate() keywords for one image) per condition: each prompt of
+    ``--prompt`` / ``--prompts_file``, the ``--class_label``, or one unconditional condition."""
+    if model.conditioning == "text":
+        if args.class_label is not None:
+            raise UserError(f"{args.path_to_weights} is text-conditional; it takes --prompt or --prompts_file, "
+                            "not --class_label")
+        if args.prompt is None and args.prompts_file is None:
+            raise UserError("this model is text-conditional: pass --prompt \"...\" or --prompts_file FILE")
+        texts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file, "--prompts_file")
+        for text in texts:
+            warn_if_truncated(model, text, "--prompt" if args.prompt is not None else f"prompt {text[:40]!r}")
+        if args.negative_prompt is not None:
+            warn_if_truncated(model, args.negative_prompt, "--negative_prompt")
+        stems = [slugify(t) for t in texts]
+        if args.prompts_file is not None:  # prompts may share a stem: the line's index keeps them apart
+            stems = [f"{i:03d}-{stem}" for i, stem in enumerate(stems)]
+        return [(stem, {"prompt": text, "negative_prompt": args.negative_prompt or ""}) for stem, text in zip(stems, texts)]
+    if args.text_conditional:
+        raise UserError(f"--text_conditional: {args.path_to_weights} is not text-conditional "
+                        f"({model.conditioning} conditioning)")
+    if args.prompt is not None or args.prompts_file is not None or args.negative_prompt is not None:
+        kind = "class-conditional" if model.conditioning == "class" else "unconditional"
+        raise UserError(f"{args.path_to_weights} is {kind}; it takes no --prompt / --prompts_file / --negative_prompt")
+    if model.conditioning == "class":
+        if args.class_label is None:
+            raise UserError("this model is class-conditional: pass --class_label (an index or a class name)")
+        return [(slugify(f"class-{args.class_label}"), {"class_label": resolve_class_label(args.class_label, model)})]
+    if args.class_label is not None:
+        raise UserError(f"{args.path_to_weights} is unconditional; it takes no --class_label")
+    return [("sample", {})]
+
+
+def to_pil(image: torch.Tensor):
+    """(3, H, W) in [-1, 1] -> an RGB PIL image, rounded as torchvision's save_image rounds."""
+    from PIL import Image
+
+    pixels = (image.float() * 0.5 + 0.5).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
@@ -166,6 +237,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     setup_logging(True)
     if args.init_image is not None and not Path(args.init_image).is_file():
         raise UserError(f"--init_image {args.init_image}: file not found")  # before the slow model load
+    single_file = Path(args.output).suffix.lower() == ".png"
+    if single_file and args.prompts_file is not None:
+        raise UserError(f"--output {args.output}: with --prompts_file the output is a folder (a grid per prompt)")
+    if args.prompts_file is not None:
+        read_prompts(args.prompts_file, "--prompts_file")  # before the slow model load
     check_output(args.output)
 
     # -- model --------------------------------------------------------------------------
@@ -200,61 +276,67 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
         dtype = DTYPES[args.dtype]
     model.to(device, dtype)
 
-    # -- conditions -----------------------------------------------------------------------
-    n = args.num_images
-    prompts = negatives = labels = None
-    if model.conditioning == "text":
-        if args.prompt is None:
-            raise UserError("this model is text-conditional: pass --prompt \"...\"")
-        prompts = [args.prompt] * n
-        negatives = [args.negative_prompt] * n if args.negative_prompt is not None else None
-        warn_if_truncated(model, args.prompt, "--prompt")
-        if args.negative_prompt is not None:
-            warn_if_truncated(model, args.negative_prompt, "--negative_prompt")
-        slug = args.prompt
-    else:
-        if args.text_conditional:
-            raise UserError(f"--text_conditional: {args.path_to_weights} is not text-conditional "
-                            f"({model.conditioning} conditioning)")
-        if args.prompt is not None or args.negative_prompt is not None:
-            kind = "class-conditional" if model.conditioning == "class" else "unconditional"
-            raise UserError(f"{args.path_to_weights} is {kind}; it takes no --prompt / --negative_prompt")
-        if model.conditioning == "class":
-            if args.class_label is None:
-                raise UserError("this model is class-conditional: pass --class_label (an index or a class name)")
-            labels = [resolve_class_label(args.class_label, model)] * n
-            slug = f"class-{args.class_label}"
-        else:
-            if args.class_label is not None:
-                raise UserError(f"{args.path_to_weights} is unconditional; it takes no --class_label")
-            slug = "sample"
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", slug).strip("_")[:60] or "sample"
-    init = load_init_image(args.init_image, model.img_size, n) if args.init_image else None
-
-    # -- sample ---------------------------------------------------------------------------
+    # -- conditions and settings ----------------------------------------------------------
+    todo = conditions(args, model)
+    guidance = resolve_guidance(args.guidance_scale, model)
+    init = load_init_image(args.init_image, model.img_size, 1) if args.init_image else None
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    generator = torch.Generator().manual_seed(seed)  # CPU draws: the same images on any device
-    logger.info("sampling %d image(s) with %s, %d steps, guidance %.3g, seed %d%s", n, args.sampler,
-                args.num_inference_steps, args.guidance_scale, seed,
-                f", img2img strength {args.strength}" if init is not None else "")
-    images = model.generate(n, prompts=prompts, negative_prompts=negatives, class_labels=labels,
-                            guidance_scale=args.guidance_scale, sampler=args.sampler,
-                            num_inference_steps=args.num_inference_steps, eta=args.eta,
-                            timestep_spacing=args.timestep_spacing, generator=generator,
-                            init_images=init, strength=args.strength if init is not None else 1.0)
+    n = args.num_images
+    common = {
+        "negative_prompt": None, "guidance_scale": guidance, "sampler": args.sampler,
+        "num_inference_steps": args.num_inference_steps, "eta": args.eta if args.sampler == "ddim" else None,
+        "timestep_spacing": args.timestep_spacing, "size": f"{model.img_size}x{model.img_size}",
+        "weights": weights.name, "weights_sha256": file_sha256(weights),
+        "init_image": Path(args.init_image).name if init is not None else None,
+        "strength": args.strength if init is not None else None,
+    }
+    # One job per image: (condition index, image index, seed); image i of a condition has seed + i.
+    jobs = [(c, i, seed + i) for c in range(len(todo)) for i in range(n)]
+    logger.info("sampling %d image(s) (%d per condition) with %s, %d steps, guidance %.3g, seeds %d-%d, "
+                "batches of %d%s", len(jobs), n, args.sampler, args.num_inference_steps, guidance, seed, seed + n - 1,
+                args.batch_size, f", img2img strength {args.strength}" if init is not None else "")
 
-    # -- save -----------------------------------------------------------------------------
-    from torchvision.utils import save_image
+    # -- sample, in batches; every image from its own generator ---------------------------------
+    images: List[Optional[torch.Tensor]] = [None] * len(jobs)
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start:start + args.batch_size]
+        keywords = [todo[c][1] for c, _, _ in batch]
+        generators = [torch.Generator().manual_seed(s) for _, _, s in batch]  # CPU draws: the same on any device
+        out = model.generate(
+            len(batch),
+            prompts=[k["prompt"] for k in keywords] if model.conditioning == "text" else None,
+            negative_prompts=[k["negative_prompt"] for k in keywords] if model.conditioning == "text" else None,
+            class_labels=[k["class_label"] for k in keywords] if model.conditioning == "class" else None,
+            guidance_scale=guidance, sampler=args.sampler, num_inference_steps=args.num_inference_steps,
+            eta=args.eta, timestep_spacing=args.timestep_spacing, generator=generators,
+            init_images=init.expand(len(batch), -1, -1, -1) if init is not None else None,
+            strength=args.strength if init is not None else 1.0)
+        for k, image in enumerate(out):
+            images[start + k] = image
 
-    paths = output_paths(args.output, n, slug, seed)
-    pixels = images * 0.5 + 0.5  # [-1, 1] -> [0, 1]
-    if len(paths) == 1:
-        paths[0].parent.mkdir(parents=True, exist_ok=True)
-        save_image(pixels, str(paths[0]), nrow=math.ceil(math.sqrt(n)))  # a grid when n > 1
-    else:
-        paths[0].parent.mkdir(parents=True, exist_ok=True)
-        for path, image in zip(paths, pixels):
-            save_image(image, str(path))
+    # -- save: one PNG per image (+ a grid per condition), or one file ----------------------------
+    from torchvision.utils import make_grid
+
+    out_dir = Path(args.output)
+    paths: List[Path] = []
+    for c, (stem, keywords) in enumerate(todo):
+        mine = [(i, s, images[j]) for j, (cc, i, s) in enumerate(jobs) if cc == c]
+        settings = {**common, **keywords}
+        if single_file:
+            grid = make_grid(torch.stack([img for _, _, img in mine]), nrow=math.ceil(math.sqrt(n)), padding=2,
+                             pad_value=-1.0) if n > 1 else mine[0][2]
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            paths.append(save_png(to_pil(grid), out_dir, {**settings, "seed": seed if n == 1 else None,
+                                                         "seeds": [s for _, s, _ in mine] if n > 1 else None}))
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for _, s, img in mine:
+            paths.append(save_png(to_pil(img), out_dir / f"{stem}-seed{s}.png", {**settings, "seed": s}))
+        if n > 1:
+            grid = make_grid(torch.stack([img for _, _, img in mine]), nrow=math.ceil(math.sqrt(n)), padding=2,
+                             pad_value=-1.0)
+            paths.append(save_png(to_pil(grid), out_dir / f"{stem}-grid.png",
+                                  {**settings, "seeds": [s for _, s, _ in mine]}))
     for path in paths:
         print(path)
     return paths

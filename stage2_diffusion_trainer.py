@@ -69,6 +69,7 @@ from modules.latent_cache import (
     vae_fingerprint,
     vae_moments,
 )
+from modules.generation_record import read_prompts
 from modules.ldm_io import LatentDiffusion, save_ldm_export, text_encoder_export
 from modules.loop import Backward, LoopConfig, Update, check_at_least, check_loop_keys, train_loop
 from modules.metrics import MetricsLogger
@@ -202,15 +203,6 @@ def build_emas(trained: Sequence[torch.nn.Module], train_cfg: "Stage2TrainingArg
         return []
     return [EMA(m, decay=train_cfg.ema_decay, warmup=train_cfg.ema_warmup, start_step=train_cfg.ema_update_after_step,
                 update_every=train_cfg.ema_update_every).to(device) for m in trained]
-
-
-def read_prompts(path: Path) -> List[str]:
-    """Non-empty lines of a prompts file that do not start with '#'."""
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise UserError(f"{path}: no prompts in it (one per line; '#' starts a comment)")
-    return prompts
 
 
 # ----------------------------------------------------------------------------------------
@@ -348,7 +340,8 @@ def validation_conditions(conditioning: str, args: Stage2TrainingArgs, num_class
     """(prompts, class labels, number of images, images per grid row) of the sample grids."""
     k = args.num_samples_per_condition
     if conditioning == "text":
-        prompts = read_prompts(resolve_shipped_path(args.sample_prompts_file, "training_args.sample_prompts_file"))
+        prompts = read_prompts(resolve_shipped_path(args.sample_prompts_file, "training_args.sample_prompts_file"),
+                               "training_args.sample_prompts_file")
         return [p for p in prompts for _ in range(k)], None, len(prompts) * k, k
     if conditioning == "class":
         labels = args.sample_class_labels if args.sample_class_labels is not None else list(range(min(8, num_classes)))

@@ -48,7 +48,7 @@ Training extras
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -91,14 +91,30 @@ def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
         raise UserError(f"unknown {name} {value!r}; expected one of: {', '.join(allowed)}")
 
 
-def _gaussian_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """N(0, I) noise of ``x``'s shape, dtype and device.
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def gaussian(shape: Sequence[int], generator: Generators, device: torch.device | str,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N(0, I) of ``shape`` on ``device``.
 
     Drawn on the generator's device and then moved, like diffusers' ``randn_tensor``: a CPU
-    generator then gives the same numbers whatever device the sample lives on.
+    generator then gives the same numbers whatever device the sample lives on. With a list of B
+    generators (``shape[0] == B``), row b is drawn from generator b alone, so a sample does not
+    depend on which others share its batch (each image of a batch keeps its own seed).
     """
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype).to(device) for g in generator]
+        return torch.cat(rows)
+    draw_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+def _gaussian_like(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """N(0, I) noise of ``x``'s shape, dtype and device (see :func:`gaussian`)."""
+    return gaussian(x.shape, generator, x.device, x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,7 +392,7 @@ class DDPMSampler(_Sampler):
         t: Timestep,
         sample: torch.Tensor,
         noise: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> torch.Tensor:
         """One reverse step from x_t = ``sample`` (B, ...) to x_s; returns x_s with ``sample``'s shape.
 
@@ -454,7 +470,7 @@ class DDIMSampler(_Sampler):
         t: Timestep,
         sample: torch.Tensor,
         noise: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> torch.Tensor:
         """One DDIM step from x_t = ``sample`` (B, ...) to x_s; returns x_s with ``sample``'s shape.
 
@@ -513,7 +529,7 @@ def sample_loop(
     sampler: DDPMSampler | DDIMSampler,
     shape: Sequence[int] | None,
     num_inference_steps: int,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     init: torch.Tensor | None = None,
@@ -530,7 +546,8 @@ def sample_loop(
         shape: shape of the sample; may be None when ``init`` is given.
         num_inference_steps: number of timesteps on the full grid (img2img runs a tail of it).
         generator: source of every Gaussian draw (initial noise first, then one per stochastic
-            step), in the order diffusers' pipelines draw them.
+            step), in the order diffusers' pipelines draw them; or one generator per sample
+            (:func:`gaussian`).
         device, dtype: where and in which precision x_t lives.
         init: img2img starting point x_0 (B, ...), e.g. scaled VAE latents of an image. It is
             noised to the first kept timestep (:func:`img2img_timesteps`) and denoised from there.
@@ -544,8 +561,7 @@ def sample_loop(
             raise UserError("sample_loop needs a shape or an init sample")
         if strength != 1.0:
             raise UserError(f"img2img strength={strength} needs an init image")
-        draw_device = generator.device if generator is not None else device
-        x = torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
+        x = gaussian(shape, generator, device, dtype)
     else:
         if shape is not None and tuple(shape) != tuple(init.shape):
             raise UserError(f"sample_loop shape {tuple(shape)} differs from init shape {tuple(init.shape)}")

@@ -170,7 +170,7 @@ class LatentDiffusion:
         num_inference_steps: int = 50,
         eta: float = 0.0,
         timestep_spacing: str = "leading",
-        generator: Optional[torch.Generator] = None,
+        generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
         init_images: Optional[torch.Tensor] = None,
         strength: float = 1.0,
         autocast=None,
@@ -185,7 +185,8 @@ class LatentDiffusion:
                 1 (or an unconditional model) runs the conditional branch alone.
             sampler / num_inference_steps / eta / timestep_spacing: ``ddim`` or ``ddpm`` over that
                 many steps; ``eta`` is DDIM's noise scale (0: deterministic).
-            generator: source of every random draw (seeded: same images for the same seed).
+            generator: source of every random draw (seeded: same images for the same seed); a list of
+                ``num_images`` generators gives each image its own draws, independent of the batch.
             init_images: (B, 3, H, W) in [-1, 1] for img2img with ``strength`` in [0, 1].
             autocast: optional context-manager factory wrapping each UNet call (mixed precision).
         """

@@ -39,7 +39,7 @@ def _perturbed(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.
     return module
 
 
-def _export(path: Path, conditioning: str, clip: Path | None) -> Path:
+def _export(path: Path, conditioning: str, clip: Path | None, **metadata) -> Path:
     torch.manual_seed(0)
     vae_cfg = VAEConfig(img_size=IMG, vae_channels_per_block=[8, 16], norm_num_groups=4, latent_channels=4,
                         residual_layers_per_block=1, attention_layers=0)
@@ -56,7 +56,7 @@ def _export(path: Path, conditioning: str, clip: Path | None) -> Path:
     return save_ldm_export(path, unet.state_dict(), vae.state_dict(), config, 0.7, 0.0, conditioning,
                            "shapes" if conditioning == "text" else "imagenet", IMG, text_encoder=text,
                            class_names=["cat", "dog", "fox"] if conditioning == "class" else None,
-                           metadata={"step": 0})
+                           metadata={"step": 0, **metadata})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,7 +76,8 @@ def exports(tmp_path_factory):
     init = root / "init.png"
     Image.new("RGB", (24, 20), (200, 60, 40)).save(init)
     return {"root": root, "clip": clip, "init": init, "text": _export(root / "text.safetensors", "text", clip),
-            "class": _export(root / "class.safetensors", "class", None)}
+            "class": _export(root / "class.safetensors", "class", None),
+            "text_g4": _export(root / "text_g4.safetensors", "text", clip, training_config={"guidance_scale": 4.0})}
 
 
 def generate(export: Path, out: Path, *extra: str) -> bytes:
@@ -115,7 +116,8 @@ def test_same_seed_same_bytes_other_seed_other_image(exports, tmp_path):
     # Several images into a folder: one PNG each; into a .png file: one grid.
     paths = inference_ldm.main(["--path_to_weights", str(exports["text"]), "--prompt", PROMPT, "--num_images", "3",
                                 "--num_inference_steps", "2", "--seed", "0", "--output", str(tmp_path / "many")])
-    assert [p.name for p in paths] == [f"a_red_circle_on_a_blue_background-seed0-{i:03d}.png" for i in range(3)]
+    assert [p.name for p in paths] == [f"a_red_circle_on_a_blue_background-seed{i}.png" for i in range(3)] + \
+        ["a_red_circle_on_a_blue_background-grid.png"]
     inference_ldm.main(["--path_to_weights", str(exports["text"]), "--prompt", PROMPT, "--num_images", "4",
                         "--num_inference_steps", "2", "--seed", "0", "--output", str(tmp_path / "grid.png")])
     with Image.open(tmp_path / "grid.png") as grid:
@@ -195,6 +197,22 @@ def test_bad_inputs_are_one_line_errors(exports, tmp_path, capsys):
         ["--path_to_weights", text, "--prompt", "x", "--training_dataset", "laion"], capsys)
     assert "file not found" in one_line_error(
         ["--path_to_weights", text, "--prompt", "x", "--init_image", str(tmp_path / "no.png")], capsys)
+    assert "takes --prompt or --prompts_file, not --class_label" in one_line_error(
+        ["--path_to_weights", text, "--class_label", "1"], capsys)
+    assert "--num_inference_steps: expected a number >= 1, got 0" in one_line_error(
+        ["--path_to_weights", text, "--prompt", "x", "--num_inference_steps", "0"], capsys)
+    assert "--strength must be in [0, 1], got 1.5" in one_line_error(
+        ["--path_to_weights", text, "--prompt", "x", "--init_image", str(exports["init"]), "--strength", "1.5"], capsys)
+    assert "argument --sampler: invalid choice: 'heun'" in one_line_error(
+        ["--path_to_weights", text, "--prompt", "x", "--sampler", "heun"], capsys)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# nothing but a comment\n\n")
+    assert f"--prompts_file {prompts}: no prompts in it" in one_line_error(
+        ["--path_to_weights", text, "--prompts_file", str(prompts)], capsys)
+    assert "with --prompts_file the output is a folder" in one_line_error(
+        ["--path_to_weights", text, "--prompts_file", str(prompts), "--output", str(tmp_path / "x.png")], capsys)
+    assert "not allowed with argument --prompt" in one_line_error(
+        ["--path_to_weights", text, "--prompt", "x", "--prompts_file", str(prompts)], capsys)
     with pytest.raises(SystemExit) as exc:  # argparse: an img2img flag without an image
         inference_ldm.main(["--path_to_weights", text, "--prompt", "x", "--strength", "0.3"])
     assert exc.value.code == 2
@@ -219,3 +237,65 @@ def test_export_round_trip(exports, tmp_path):
                            0.7, 0.0, "text", "shapes", IMG, text_encoder=(text, meta))
     with pytest.raises(UserError, match="not-cached-clip"):
         load_ldm_export(path, text_encoder_cache_dir=tmp_path / "empty_cache")
+
+
+# ---- prompts files, per-image seeds, batches, settings in the PNGs -----------------------------
+
+def test_every_png_carries_its_settings_and_the_web_ui_parameters(exports, tmp_path, caplog):
+    from modules.generation_record import file_sha256, read_png_settings
+
+    weights = exports["text_g4"]
+    paths = inference_ldm.main(["--path_to_weights", str(weights), "--prompt", PROMPT, "--negative_prompt", "green",
+                                "--num_inference_steps", "3", "--seed", "11", "--output", str(tmp_path)])
+    assert paths == [tmp_path / "a_red_circle_on_a_blue_background-seed11.png"]
+    assert "guidance 4: the export's (stage 2 drew its sample grids with it)" in caplog.text
+    got = read_png_settings(paths[0])
+    sha = file_sha256(weights)
+    assert {k: got[k] for k in ("prompt", "negative_prompt", "seed", "guidance_scale", "sampler", "num_inference_steps",
+                                "size", "weights", "weights_sha256", "eta", "timestep_spacing")} == {
+        "prompt": PROMPT, "negative_prompt": "green", "seed": "11", "guidance_scale": "4.0", "sampler": "ddim",
+        "num_inference_steps": "3", "size": f"{IMG}x{IMG}", "weights": "text_g4.safetensors", "weights_sha256": sha,
+        "eta": "0.0", "timestep_spacing": "leading"}
+    assert got["parameters"] == (f"{PROMPT}\nNegative prompt: green\nSteps: 3, Sampler: DDIM, CFG scale: 4, Seed: 11, "
+                                 f"Size: {IMG}x{IMG}, Model hash: {sha[:10]}, Model: text_g4")
+    # --guidance_scale wins over the export's; an export that records none gets 7.5, said.
+    other = inference_ldm.main(["--path_to_weights", str(exports["text"]), "--prompt", PROMPT, "--num_inference_steps",
+                                "2", "--seed", "1", "--output", str(tmp_path / "b")])
+    assert read_png_settings(other[0])["guidance_scale"] == "7.5" and "the export records none" in caplog.text
+    third = inference_ldm.main(["--path_to_weights", str(weights), "--prompt", PROMPT, "--num_inference_steps", "2",
+                                "--seed", "1", "--guidance_scale", "2.5", "--output", str(tmp_path / "c")])
+    assert read_png_settings(third[0])["guidance_scale"] == "2.5"
+
+
+def _pixels(path: Path) -> torch.Tensor:
+    import numpy as np
+
+    with Image.open(path) as img:
+        return torch.from_numpy(np.asarray(img.convert("RGB")).copy())
+
+
+def test_a_prompts_file_gives_a_grid_per_prompt_and_batches_do_not_change_the_images(exports, tmp_path):
+    """Image i of a prompt has seed S+i from its own generator: --batch_size 1 and 4 give the same
+    pixels, and each image is made again alone with --seed S+i --num_images 1."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\na red circle on a blue background\n\na green square on a red background\n")
+    run = lambda out, *extra: inference_ldm.main(
+        ["--path_to_weights", str(exports["text"]), "--prompts_file", str(prompts), "--num_images", "3",
+         "--num_inference_steps", "3", "--seed", "5", "--sampler", "ddpm", "--output", str(out), *extra])
+    one = run(tmp_path / "b1", "--batch_size", "1")
+    four = run(tmp_path / "b4", "--batch_size", "4")
+    names = [p.name for p in one]
+    assert names == [f"000-a_red_circle_on_a_blue_background-seed{s}.png" for s in (5, 6, 7)] + \
+        ["000-a_red_circle_on_a_blue_background-grid.png"] + \
+        [f"001-a_green_square_on_a_red_background-seed{s}.png" for s in (5, 6, 7)] + \
+        ["001-a_green_square_on_a_red_background-grid.png"]
+    assert [p.name for p in four] == names
+    for a, b in zip(one, four):
+        assert torch.equal(_pixels(a), _pixels(b)), a.name
+    with Image.open(one[3]) as grid:
+        assert grid.size == (2 * IMG + 6, 2 * IMG + 6)
+    assert not torch.equal(_pixels(one[0]), _pixels(one[1]))  # other seeds, other images
+    alone = inference_ldm.main(["--path_to_weights", str(exports["text"]), "--prompt", "a green square on a red background",
+                                "--num_inference_steps", "3", "--seed", "6", "--sampler", "ddpm", "--output",
+                                str(tmp_path / "alone")])
+    assert torch.equal(_pixels(alone[0]), _pixels(one[5]))
