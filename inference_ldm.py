@@ -45,7 +45,7 @@ from modules.errors import OneLineArgumentParser, UserError
 from modules.image_datasets import DATASET_NAMES, build_image_transform, images_to_model
 from modules.export import check_export_kind, read_export_metadata
 from modules.generation_record import file_sha256, read_prompts, save_png
-from modules.ldm_io import LDM_EXPORT_KIND, LatentDiffusion, load_ldm_export
+from modules.ldm_io import KARRAS_SAMPLERS, LDM_EXPORT_KIND, SAMPLERS, LatentDiffusion, build_sampler, load_ldm_export
 from modules.model_config import LDMConfig, load_ldm_config
 from modules.paths import check_writable_file, check_writable_folder
 from modules.cli import positive_int, setup_logging
@@ -78,10 +78,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--guidance_scale", type=float, default=None,
                         help="classifier-free guidance weight (1 = off; default: the guidance stage 2 drew its "
                              "sample grids with, from the export, else 7.5)")
-    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                        help="ddim, ddpm, dpmpp_2m (DPM-Solver++ 2M: good images in ~20 steps), euler, euler_a "
+                             "(ancestral), lms")
+    parser.add_argument("--karras", action="store_true",
+                        help=f"Karras et al.'s sigma spacing (samplers {', '.join(KARRAS_SAMPLERS)})")
     parser.add_argument("--num_inference_steps", type=positive_int, default=50)
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0 = deterministic)")
-    parser.add_argument("--timestep_spacing", choices=("leading", "trailing", "linspace"), default="leading")
+    parser.add_argument("--timestep_spacing", choices=("leading", "trailing", "linspace"), default=None,
+                        help="how the steps spread over the training schedule (default: the sampler's own, as in "
+                             "diffusers: leading for ddim/ddpm, linspace for the others)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and printed)")
     parser.add_argument("--init_image", default=None, help="img2img: start from this image")
     parser.add_argument("--strength", type=float, default=None,
@@ -100,6 +106,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--strength must be in [0, 1], got {args.strength}")
     if args.eta < 0:
         parser.error(f"--eta must be >= 0, got {args.eta}")
+    if args.karras and args.sampler not in KARRAS_SAMPLERS:
+        parser.error(f"--karras works with the samplers {', '.join(KARRAS_SAMPLERS)}, not {args.sampler}")
     return args
 
 
@@ -285,15 +293,19 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     common = {
         "negative_prompt": None, "guidance_scale": guidance, "sampler": args.sampler,
         "num_inference_steps": args.num_inference_steps, "eta": args.eta if args.sampler == "ddim" else None,
-        "timestep_spacing": args.timestep_spacing, "size": f"{model.img_size}x{model.img_size}",
+        "timestep_spacing": build_sampler(model.config.diffusion, args.sampler, args.eta, args.timestep_spacing,
+                                          args.karras).timestep_spacing,  # the sampler's own when not given
+        "karras": True if args.karras else None,
+        "size": f"{model.img_size}x{model.img_size}",
         "weights": weights.name, "weights_sha256": file_sha256(weights),
         "init_image": Path(args.init_image).name if init is not None else None,
         "strength": args.strength if init is not None else None,
     }
     # One job per image: (condition index, image index, seed); image i of a condition has seed + i.
     jobs = [(c, i, seed + i) for c in range(len(todo)) for i in range(n)]
-    logger.info("sampling %d image(s) (%d per condition) with %s, %d steps, guidance %.3g, seeds %d-%d, "
-                "batches of %d%s", len(jobs), n, args.sampler, args.num_inference_steps, guidance, seed, seed + n - 1,
+    logger.info("sampling %d image(s) (%d per condition) with %s%s, %d steps, guidance %.3g, seeds %d-%d, "
+                "batches of %d%s", len(jobs), n, args.sampler, " (Karras sigmas)" if args.karras else "",
+                args.num_inference_steps, guidance, seed, seed + n - 1,
                 args.batch_size, f", img2img strength {args.strength}" if init is not None else "")
 
     # -- sample, in batches; every image from its own generator ---------------------------------
@@ -308,7 +320,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
             negative_prompts=[k["negative_prompt"] for k in keywords] if model.conditioning == "text" else None,
             class_labels=[k["class_label"] for k in keywords] if model.conditioning == "class" else None,
             guidance_scale=guidance, sampler=args.sampler, num_inference_steps=args.num_inference_steps,
-            eta=args.eta, timestep_spacing=args.timestep_spacing, generator=generators,
+            eta=args.eta, timestep_spacing=args.timestep_spacing, karras_sigmas=args.karras, generator=generators,
             init_images=init.expand(len(batch), -1, -1, -1) if init is not None else None,
             strength=args.strength if init is not None else 1.0)
         for k, image in enumerate(out):

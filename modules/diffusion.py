@@ -1,4 +1,4 @@
-"""Gaussian diffusion: noise schedules, the forward process, training losses, DDPM and DDIM samplers.
+"""Gaussian diffusion: noise schedules, the forward process, training losses, DDPM/DDIM/Euler/LMS/DPM-Solver samplers.
 
 Everything here is parameter-free math on tensors. Networks only appear as callables
 ``model_fn(x_t, t) -> model_output``, so the same code trains and samples any denoiser.
@@ -34,6 +34,12 @@ of Nichol & Dhariwal 2021, sec. 4), so the same formulas serve 1000 steps or 20.
   eta = 1 is DDPM-like.
 Both reproduce diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` (``clip_sample=False,
 set_alpha_to_one=False, steps_offset=0``) to float32 rounding when given the same noise.
+- Sigma-space samplers (Karras et al. 2022, "EDM"), optionally on Karras sigmas (EDM eq. 5):
+  :class:`EulerSampler`, :class:`EulerAncestralSampler`, :class:`LMSSampler` integrate the
+  probability-flow ODE in the VE variable x = x_t / sqrt(abar); :class:`DPMSolverMultistepSampler`
+  is DPM-Solver++(2M) (Lu et al. 2022). They match diffusers' EulerDiscrete /
+  EulerAncestralDiscrete / LMSDiscrete / DPMSolverMultistep schedulers; one grid helper,
+  :func:`sigma_grid`, lays out all their timesteps and noise levels.
 
 Training extras
 ---------------
@@ -64,16 +70,25 @@ __all__ = [
     "VARIANCE_TYPES",
     "DDIMSampler",
     "DDPMSampler",
+    "DPMSolverMultistepSampler",
+    "EulerAncestralSampler",
+    "EulerSampler",
+    "LMSSampler",
+    "Sampler",
     "NoiseSchedule",
     "classifier_free_guidance",
     "cosine_betas",
     "diffusion_loss",
     "img2img_timesteps",
     "inference_timesteps",
+    "karras_sigmas",
     "min_snr_weights",
     "sample_loop",
     "sample_noise",
     "sample_timesteps",
+    "sigma_grid",
+    "sigma_to_timestep",
+    "train_sigmas",
 ]
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
@@ -337,6 +352,17 @@ class _Sampler:
             self.schedule.num_train_timesteps, num_inference_steps, self.timestep_spacing, self.steps_offset
         )
 
+    # DDPM/DDIM work on x_t itself: unit initial noise, the network sees the sample as it is.
+    init_noise_sigma = 1.0
+
+    def scale_model_input(self, sample: torch.Tensor, t: Timestep) -> torch.Tensor:
+        """The network input at ``t``: ``sample`` unchanged (the interface of the sigma-space samplers)."""
+        return sample
+
+    def start_at(self, step_index: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """img2img: ``x0`` (B, ...) noised to ``timesteps[step_index]`` (q(x_t | x_0), DDPM eq. 4)."""
+        return self.schedule.add_noise(x0, noise, int(self.timesteps[step_index]))
+
     def _predict(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x0, eps = self.schedule.predict_x0_and_eps(model_output, sample, t, self.prediction_type)
         if self.clip_sample:
@@ -496,6 +522,437 @@ class DDIMSampler(_Sampler):
 
 
 # --------------------------------------------------------------------------------------------
+# Samplers in sigma space (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
+# Generative Models", EDM): Euler, Euler ancestral, LMS, DPM-Solver++ 2M
+# --------------------------------------------------------------------------------------------
+#
+# A VP sample x_t = sqrt(abar) x_0 + sqrt(1-abar) eps is, divided by sqrt(abar), the VE sample
+#     x = x_0 + sigma eps,   sigma = sqrt((1 - abar) / abar)                     (EDM sec. 2)
+# and the probability-flow ODE becomes dx/dsigma = (x - x0_hat(x, sigma)) / sigma (EDM eq. 3).
+# Euler, Euler ancestral and LMS integrate it in x (so the network sees x / sqrt(sigma^2 + 1) =
+# x_t: :meth:`scale_model_input`); DPM-Solver++ works on x_t itself.
+
+SIGMA_TIMESTEP_SPACINGS = TIMESTEP_SPACINGS
+KARRAS_RHO = 7.0  # EDM eq. 5's rho, the paper's choice
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = KARRAS_RHO) -> np.ndarray:
+    """The EDM noise levels (Karras et al. 2022, eq. 5), descending, float64 (n,):
+
+        sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+
+    rho = 7 spends more of the steps at low noise, where the ODE curves most.
+    """
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def train_sigmas(schedule: NoiseSchedule) -> np.ndarray:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) of every training timestep, ascending, float32 (T,)."""
+    abar = schedule.alphas_cumprod.cpu()
+    return (((1 - abar) / abar) ** 0.5).numpy()
+
+
+def sigma_to_timestep(sigmas: np.ndarray, schedule_sigmas: np.ndarray) -> np.ndarray:
+    """The (fractional) training timesteps of noise levels ``sigmas``: linear interpolation of t in
+    log sigma over the training grid ``schedule_sigmas`` (ascending), clamped to [0, T-1]. float64."""
+    log_train = np.log(schedule_sigmas)
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    low = (np.searchsorted(log_train, log_sigma, side="right") - 1).clip(0, len(log_train) - 2)
+    w = ((log_train[low] - log_sigma) / (log_train[low] - log_train[low + 1])).clip(0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def sigma_grid(
+    schedule: NoiseSchedule,
+    num_inference_steps: int,
+    spacing: str = "linspace",
+    use_karras_sigmas: bool = False,
+    steps_offset: int = 0,
+    solver_grid: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The timesteps (n,) and noise levels (n + 1,) a sigma-space sampler visits; the last sigma is 0.
+
+    The one grid helper of :class:`EulerSampler`, :class:`EulerAncestralSampler`, :class:`LMSSampler`
+    (``solver_grid=False``) and :class:`DPMSolverMultistepSampler` (``solver_grid=True``), laid out
+    as diffusers lays out the grids of the matching schedulers:
+    - ``solver_grid=False``: float timesteps; ``"linspace"`` is ``linspace(0, T-1, n)`` (fractional
+      for most n), ``"leading"``/``"trailing"`` as in :func:`inference_timesteps`. sigma is
+      interpolated linearly in t. Karras sigmas span the grid's own first and last sigma.
+    - ``solver_grid=True``: integer timesteps; ``"linspace"`` is ``round(linspace(0, T-1, n+1))``
+      without its final 0, ``"leading"`` the stride T // (n+1). Karras sigmas span the whole
+      training range, their timesteps rounded (truncated for the cosine schedule, as diffusers).
+    With Karras sigmas (EDM eq. 5, :func:`karras_sigmas`) the timesteps are those of the new sigmas
+    (:func:`sigma_to_timestep`). Returns (timesteps float64 or int64, sigmas float32).
+    """
+    _check_choice("timestep_spacing", spacing, SIGMA_TIMESTEP_SPACINGS)
+    T, n = schedule.num_train_timesteps, num_inference_steps
+    if not 1 <= n <= T:
+        raise UserError(f"num_inference_steps must be in [1, {T}] (num_train_timesteps), got {n}")
+    base = train_sigmas(schedule)
+    if spacing == "trailing":
+        timesteps = (np.arange(T, 0, -T / n).round() - 1)[:n]
+    elif not solver_grid:
+        if spacing == "linspace":
+            timesteps = np.linspace(0, T - 1, n, dtype=np.float32)[::-1]
+        else:
+            timesteps = (np.arange(n) * (T // n)).round()[::-1] + steps_offset
+    elif spacing == "linspace":
+        timesteps = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+    else:
+        timesteps = (np.arange(n + 1) * (T // (n + 1))).round()[::-1][:-1] + steps_offset
+    timesteps = np.ascontiguousarray(timesteps).astype(np.int64 if solver_grid else np.float32)
+    if timesteps.max() > T - 1 or timesteps.min() < 0:
+        raise UserError(f"steps_offset={steps_offset} puts timesteps outside [0, {T - 1}]")
+    sigmas = np.interp(timesteps, np.arange(T), base)
+    if use_karras_sigmas:
+        lo, hi = (float(base[0]), float(base[-1])) if solver_grid else (float(sigmas[-1]), float(sigmas[0]))
+        sigmas = karras_sigmas(lo, hi, n)
+        timesteps = sigma_to_timestep(sigmas, base)
+        if solver_grid and schedule.beta_schedule != "cosine":
+            timesteps = timesteps.round()
+        timesteps = timesteps.astype(np.int64 if solver_grid else np.float32)
+    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    return timesteps, sigmas
+
+
+class _SigmaSampler:
+    """What the sigma-space samplers share: the grid, the step counter and x0_hat.
+
+    The samplers are stateful like diffusers' schedulers: :meth:`set_timesteps` resets them, each
+    :meth:`step` advances one grid point (the first call finds its place from ``t``, or
+    :meth:`start_at` sets it), and multistep methods remember their previous outputs.
+    """
+
+    solver_grid = False
+    vp_space = False  # True: the sample is x_t (DPM-Solver); False: the VE sample x = x_t / sqrt(abar)
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        prediction_type: str,
+        use_karras_sigmas: bool,
+        timestep_spacing: str,
+        steps_offset: int,
+    ) -> None:
+        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        _check_choice("timestep_spacing", timestep_spacing, SIGMA_TIMESTEP_SPACINGS)
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.use_karras_sigmas = use_karras_sigmas
+        self.timestep_spacing = timestep_spacing
+        self.steps_offset = steps_offset
+        self.set_timesteps(schedule.num_train_timesteps)
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Choose the grid (:func:`sigma_grid`): ``.timesteps`` (n,) descending (float32 for the
+        Euler/LMS family, int64 for DPM-Solver, on CPU) and ``.sigmas`` (n + 1,) float32; reset the state."""
+        timesteps, sigmas = sigma_grid(
+            self.schedule, num_inference_steps, self.timestep_spacing, self.use_karras_sigmas,
+            self.steps_offset, self.solver_grid,
+        )
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = torch.from_numpy(timesteps)
+        self.sigmas = torch.from_numpy(sigmas)
+        self._index: int | None = None
+        self._reset_history()
+
+    def _reset_history(self) -> None:
+        """Forget the previous steps (one-step methods keep none)."""
+
+    @property
+    def init_noise_sigma(self) -> torch.Tensor:
+        """Standard deviation of the initial noise x_T (0-d float32).
+
+        In VE space x_T = x_0 + sigma_max eps has std sqrt(sigma_max^2 + 1); diffusers uses that
+        only for "leading" spacing and sigma_max itself otherwise (the 1 is negligible next to
+        sigma_max, ~15 for scaled_linear, ~157 for linear, ~2e4 for cosine). Kept for parity.
+        """
+        if self.vp_space:
+            return torch.tensor(1.0)
+        sigma_max = self.sigmas.max()
+        return sigma_max if self.timestep_spacing != "leading" else (sigma_max**2 + 1) ** 0.5
+
+    def _current(self, t: Timestep) -> int:
+        """The grid index of the step about to be taken at timestep ``t``."""
+        t = float(t)
+        if self._index is None:
+            matches = (self.timesteps.double() == t).nonzero()
+            if matches.numel() == 0:
+                raise ValueError(f"timestep {t} is not in this sampler's timesteps; call set_timesteps first")
+            self._index = int(matches[0, 0])
+        if self._index >= len(self.timesteps) or float(self.timesteps[self._index]) != t:
+            raise ValueError(
+                f"{type(self).__name__} expected step {self._index} of its grid, got timestep {t}; "
+                "call set_timesteps to restart"
+            )
+        return self._index
+
+    def start_at(self, step_index: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """img2img (SDEdit): begin at ``timesteps[step_index]`` and return ``x0`` (B, ...) noised to
+        that step's level, in this sampler's space: VE ``x0 + sigma noise``, or VP
+        ``(x0 + sigma noise) / sqrt(sigma^2 + 1)`` for DPM-Solver (the q(x_t | x_0) sample)."""
+        self._index = step_index
+        self._reset_history()
+        sigma = self.sigmas[step_index]
+        if self.vp_space:
+            alpha, sigma_vp = self._alpha_sigma(sigma)
+            return alpha * x0 + sigma_vp * noise
+        return x0 + noise * sigma
+
+    def scale_model_input(self, sample: torch.Tensor, t: Timestep) -> torch.Tensor:
+        """What the network sees at ``t``: the VP sample x_t, i.e. ``sample / sqrt(sigma^2 + 1)``
+        for VE samplers, ``sample`` itself for DPM-Solver."""
+        if self.vp_space:
+            return sample
+        sigma = self.sigmas[self._current(t)]
+        return sample / ((sigma**2 + 1) ** 0.5)
+
+    @staticmethod
+    def _alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VE sigma -> the VP pair (sqrt(abar), sqrt(1 - abar)) = (1, sigma) / sqrt(sigma^2 + 1)."""
+        alpha = 1 / ((sigma**2 + 1) ** 0.5)
+        return alpha, sigma * alpha
+
+    def _denoised(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x0_hat from the network output at noise level ``sigma`` (the module docstring's conversions,
+        with sqrt(abar) = 1 / sqrt(sigma^2 + 1) and, in VE space, x_t = x / sqrt(sigma^2 + 1))."""
+        if self.prediction_type == "sample":
+            return model_output
+        if self.vp_space:
+            alpha, sigma_vp = self._alpha_sigma(sigma)
+            if self.prediction_type == "epsilon":
+                return (sample - sigma_vp * model_output) / alpha
+            return alpha * sample - sigma_vp * model_output
+        if self.prediction_type == "epsilon":
+            return sample - sigma * model_output
+        # v: x0 = sqrt(abar) x_t - sqrt(1-abar) v with x_t = x / sqrt(sigma^2 + 1)
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+
+
+class EulerSampler(_SigmaSampler):
+    """Euler's method on the probability-flow ODE in sigma (Karras et al. 2022, algorithm 1 without
+    the 2nd-order correction; k-diffusion's ``sample_euler``):
+
+        d = (x - x0_hat) / sigma_i,    x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d
+
+    Deterministic. Matches diffusers' ``EulerDiscreteScheduler`` (defaults: "linspace" spacing,
+    no churn) to float32 rounding.
+
+    Args:
+        schedule: the training noise schedule.
+        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        use_karras_sigmas: noise levels of EDM eq. 5 (rho = 7) instead of the schedule's own.
+        timestep_spacing, steps_offset: see :func:`sigma_grid`.
+    """
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        prediction_type: str = "epsilon",
+        use_karras_sigmas: bool = False,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+    ) -> None:
+        super().__init__(schedule, prediction_type, use_karras_sigmas, timestep_spacing, steps_offset)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: Timestep,
+        sample: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        generator: Generators = None,
+    ) -> torch.Tensor:
+        """One Euler step from the VE sample x_i = ``sample`` (B, ...); ``noise``/``generator`` unused."""
+        i = self._current(t)
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        derivative = (sample - self._denoised(model_output, sample, sigma)) / sigma
+        self._index = i + 1
+        return sample + derivative * (sigma_next - sigma)
+
+
+class EulerAncestralSampler(_SigmaSampler):
+    """Euler ancestral sampling (k-diffusion's ``sample_euler_ancestral``; Song et al. 2021,
+    "Score-Based Generative Modeling through SDEs", ancestral sampling in VE form).
+
+    The jump sigma_i -> sigma_{i+1} is split into a deterministic Euler step down to sigma_down
+    and fresh noise of std sigma_up, with sigma_down^2 + sigma_up^2 = sigma_{i+1}^2 and
+        sigma_up = sqrt(sigma_{i+1}^2 (sigma_i^2 - sigma_{i+1}^2) / sigma_i^2)
+    (the DDPM posterior's variance, in VE units):
+        x_{i+1} = x_i + (sigma_down - sigma_i) (x_i - x0_hat) / sigma_i + sigma_up z.
+    Matches diffusers' ``EulerAncestralDiscreteScheduler`` (which has no Karras option; with
+    ``use_karras_sigmas`` this walks the Karras grid of :class:`EulerSampler`).
+
+    Args: as for :class:`EulerSampler`.
+    """
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        prediction_type: str = "epsilon",
+        use_karras_sigmas: bool = False,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+    ) -> None:
+        super().__init__(schedule, prediction_type, use_karras_sigmas, timestep_spacing, steps_offset)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: Timestep,
+        sample: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        generator: Generators = None,
+    ) -> torch.Tensor:
+        """One ancestral step from x_i = ``sample`` (B, ...). ``noise`` is the z to use; when None it is
+        drawn with ``generator`` (at every step, the last included, as diffusers draws it)."""
+        i = self._current(t)
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        derivative = (sample - self._denoised(model_output, sample, sigma)) / sigma
+        z = noise if noise is not None else _gaussian_like(model_output, generator)
+        self._index = i + 1
+        return sample + derivative * (sigma_down - sigma) + z * sigma_up
+
+
+def _lagrange_integral(nodes: Sequence[float], j: int, a: float, b: float) -> float:
+    """Integral over [a, b] of the Lagrange basis polynomial of ``nodes[j]`` (exact, float64)."""
+    others = [x for k, x in enumerate(nodes) if k != j]
+    if not others:  # one node: the constant 1
+        return b - a
+    poly = np.polynomial.Polynomial.fromroots(others) / float(np.prod([nodes[j] - x for x in others]))
+    antiderivative = poly.integ()
+    return float(antiderivative(b) - antiderivative(a))
+
+
+class LMSSampler(_SigmaSampler):
+    """Linear multistep (Adams-Bashforth) on the probability-flow ODE in sigma (k-diffusion's
+    ``sample_lms``; Karras et al. 2022 sec. 3 for the ODE).
+
+    With d_k = (x_k - x0_hat_k) / sigma_k the derivatives of the last m = min(order, steps so far)
+    steps, the derivative is extrapolated by the polynomial through (sigma_k, d_k) and integrated:
+        x_{i+1} = x_i + sum_{j<m} c_j d_{i-j},   c_j = integral_{sigma_i}^{sigma_{i+1}} l_j(s) ds
+    with l_j the Lagrange basis polynomial of node sigma_{i-j} (integrated exactly; diffusers
+    integrates numerically, exact for these polynomials). m = 1 is Euler's method.
+    Matches diffusers' ``LMSDiscreteScheduler`` (order 4).
+
+    Args: as for :class:`EulerSampler`, plus ``order`` (>= 1; 4 by default).
+    """
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        prediction_type: str = "epsilon",
+        use_karras_sigmas: bool = False,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        order: int = 4,
+    ) -> None:
+        if order < 1:
+            raise UserError(f"LMS order must be >= 1, got {order}")
+        self.order = order
+        super().__init__(schedule, prediction_type, use_karras_sigmas, timestep_spacing, steps_offset)
+
+    def _reset_history(self) -> None:
+        self._derivatives: list[torch.Tensor] = []  # newest last
+        self._last_index: int | None = None
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: Timestep,
+        sample: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        generator: Generators = None,
+    ) -> torch.Tensor:
+        """One LMS step from the VE sample x_i = ``sample`` (B, ...); ``noise``/``generator`` unused."""
+        i = self._current(t)
+        if self._last_index is not None and self._last_index != i - 1:
+            self._derivatives = []  # not a continuation of the previous steps
+        sigma = self.sigmas[i]
+        derivative = (sample - self._denoised(model_output, sample, sigma)) / sigma
+        self._derivatives = (self._derivatives + [derivative])[-self.order :]
+        m = len(self._derivatives)
+        nodes = [float(self.sigmas[i - j]) for j in range(m)]
+        a, b = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        prev = sample
+        for j in range(m):
+            prev = prev + _lagrange_integral(nodes, j, a, b) * self._derivatives[-1 - j]
+        self._last_index = i
+        self._index = i + 1
+        return prev
+
+
+class DPMSolverMultistepSampler(_SigmaSampler):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+    Probabilistic Models", algorithm 2), the multistep 2nd-order solver of the data-prediction ODE.
+
+    Works on the VP sample x_t with alpha = sqrt(abar) = 1 / sqrt(sigma^2 + 1), s = sigma alpha and
+    lambda = log(alpha / s) (half the log-SNR). From grid point i to i+1, h = lambda_{i+1} - lambda_i:
+        1st order (first step; last step; after a jump):
+            x_{i+1} = (s_{i+1} / s_i) x_i - alpha_{i+1} (e^{-h} - 1) x0_i
+        2nd order, with r = (lambda_i - lambda_{i-1}) / h:
+            D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}
+            x_{i+1} = (s_{i+1} / s_i) x_i - alpha_{i+1} (e^{-h} - 1) D
+    The last step goes to sigma = 0 (lambda = inf) and returns x0_hat. Matches diffusers'
+    ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)`` with its other
+    defaults ("linspace" spacing, midpoint, lower_order_final, final sigma 0).
+
+    Args: as for :class:`EulerSampler`. ``init_noise_sigma`` is 1 and the network input is the
+    sample itself.
+    """
+
+    solver_grid = True
+    vp_space = True
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        prediction_type: str = "epsilon",
+        use_karras_sigmas: bool = False,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+    ) -> None:
+        super().__init__(schedule, prediction_type, use_karras_sigmas, timestep_spacing, steps_offset)
+
+    def _reset_history(self) -> None:
+        self._previous: tuple[int, torch.Tensor] | None = None  # (grid index, x0_hat) of the last step
+
+    def _lambda(self, sigma: torch.Tensor) -> torch.Tensor:
+        alpha, sigma_vp = self._alpha_sigma(sigma)
+        return torch.log(alpha) - torch.log(sigma_vp)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: Timestep,
+        sample: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        generator: Generators = None,
+    ) -> torch.Tensor:
+        """One DPM-Solver++ step from x_t = ``sample`` (B, ...); ``noise``/``generator`` unused."""
+        i = self._current(t)
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        x0 = self._denoised(model_output, sample, sigma)
+        previous = self._previous
+        self._previous = (i, x0)
+        self._index = i + 1
+        if float(sigma_next) == 0.0:
+            return x0  # the 1st-order update with s_{i+1} = 0, alpha_{i+1} = 1, e^{-h} = 0
+        alpha_next, s_next = self._alpha_sigma(sigma_next)
+        _, s_cur = self._alpha_sigma(sigma)
+        lam_cur, lam_next = self._lambda(sigma), self._lambda(sigma_next)
+        h = lam_next - lam_cur
+        if previous is not None and previous[0] == i - 1:
+            r = (lam_cur - self._lambda(self.sigmas[i - 1])) / h
+            x0 = x0 + (x0 - previous[1]) / (2 * r)
+        return (s_next / s_cur) * sample - (alpha_next * (torch.exp(-h) - 1.0)) * x0
+
+
+# --------------------------------------------------------------------------------------------
 # Sampling loop, guidance, img2img
 # --------------------------------------------------------------------------------------------
 
@@ -523,10 +980,13 @@ def img2img_timesteps(timesteps: torch.Tensor, strength: float) -> torch.Tensor:
     return timesteps[max(n - kept, 0) :]
 
 
+Sampler = Union[DDPMSampler, DDIMSampler, EulerSampler, EulerAncestralSampler, LMSSampler, DPMSolverMultistepSampler]
+
+
 @torch.no_grad()
 def sample_loop(
     model_fn: ModelFn,
-    sampler: DDPMSampler | DDIMSampler,
+    sampler: "Sampler",
     shape: Sequence[int] | None,
     num_inference_steps: int,
     generator: Generators = None,
@@ -540,9 +1000,11 @@ def sample_loop(
 
     Args:
         model_fn: ``model_fn(x_t, t) -> output`` with x_t (B, ...) and t a LongTensor (B,) on x_t's
-            device; the output is what ``sampler.prediction_type`` says. Conditioning and
-            classifier-free guidance are closed over by the caller (:func:`classifier_free_guidance`).
-        sampler: a :class:`DDPMSampler` or :class:`DDIMSampler`; its timesteps are set here.
+            device (float for the Euler/LMS grids); the output is what ``sampler.prediction_type`` says.
+            Conditioning and classifier-free guidance are closed over by the caller
+            (:func:`classifier_free_guidance`).
+        sampler: any sampler of this module; its timesteps are set here. The initial noise is
+            scaled by its ``init_noise_sigma`` and the network sees ``scale_model_input(x, t)``.
         shape: shape of the sample; may be None when ``init`` is given.
         num_inference_steps: number of timesteps on the full grid (img2img runs a tail of it).
         generator: source of every Gaussian draw (initial noise first, then one per stochastic
@@ -550,7 +1012,8 @@ def sample_loop(
             (:func:`gaussian`).
         device, dtype: where and in which precision x_t lives.
         init: img2img starting point x_0 (B, ...), e.g. scaled VAE latents of an image. It is
-            noised to the first kept timestep (:func:`img2img_timesteps`) and denoised from there.
+            noised to the first kept timestep (:func:`img2img_timesteps`) with the sampler's
+            ``start_at`` and denoised from there.
         strength: img2img strength in [0, 1]; only meaningful with ``init``.
         callback: called as ``callback(i, t, x)`` after each step with the new sample.
     """
@@ -562,6 +1025,7 @@ def sample_loop(
         if strength != 1.0:
             raise UserError(f"img2img strength={strength} needs an init image")
         x = gaussian(shape, generator, device, dtype)
+        x = x * sampler.init_noise_sigma  # 1 for DDPM/DDIM/DPM-Solver, ~sigma_max for the VE samplers
     else:
         if shape is not None and tuple(shape) != tuple(init.shape):
             raise UserError(f"sample_loop shape {tuple(shape)} differs from init shape {tuple(init.shape)}")
@@ -569,11 +1033,13 @@ def sample_loop(
         timesteps = img2img_timesteps(timesteps, strength)
         if len(timesteps) == 0:  # strength so low that no step is left: the image is unchanged
             return init.clone()
-        x = sampler.schedule.add_noise(init, _gaussian_like(init, generator), int(timesteps[0]))
+        # Noised to the first kept grid point, in the sampler's own space (VE samplers: x0 + sigma eps).
+        x = sampler.start_at(len(sampler.timesteps) - len(timesteps), init, _gaussian_like(init, generator))
 
     for i, t in enumerate(timesteps.tolist()):
-        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)  # (B,)
-        x = sampler.step(model_fn(x, t_batch), t, x, generator=generator)
+        # Long timesteps for DDPM/DDIM/DPM-Solver, fractional ones for the Euler/LMS grids.
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=timesteps.dtype)  # (B,)
+        x = sampler.step(model_fn(sampler.scale_model_input(x, t), t_batch), t, x, generator=generator)
         if callback is not None:
             callback(i, t, x)
     return x

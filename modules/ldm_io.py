@@ -14,9 +14,10 @@ Stage 2 writes ``<working_directory>/model.safetensors`` with :func:`save_ldm_ex
   the trainer adds (training config, step, producer).
 
 :class:`LatentDiffusion` bundles the networks with the scale and the schedule and generates
-images: text, class or unconditional, DDPM or DDIM, classifier-free guidance (Ho & Salimans 2022)
-with an optional negative prompt as the unconditional branch, and img2img (SDEdit, Meng et al.
-2022: noise the encoded image to an intermediate step and denoise from there).
+images: text, class or unconditional, with DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler ancestral or
+LMS (optionally on Karras sigmas), classifier-free guidance (Ho & Salimans 2022) with an optional
+negative prompt as the unconditional branch, and img2img (SDEdit, Meng et al. 2022: noise the
+encoded image to an intermediate step and denoise from there).
 """
 from __future__ import annotations
 
@@ -31,7 +32,18 @@ import torch
 
 from modules.autoencoder import AutoencoderKL, VQModel, build_autoencoder, load_vae_state_dict_strict
 from modules.config import to_dict
-from modules.diffusion import DDIMSampler, DDPMSampler, NoiseSchedule, classifier_free_guidance, sample_loop
+from modules.diffusion import (
+    DDIMSampler,
+    DDPMSampler,
+    DPMSolverMultistepSampler,
+    EulerAncestralSampler,
+    EulerSampler,
+    LMSSampler,
+    NoiseSchedule,
+    Sampler,
+    classifier_free_guidance,
+    sample_loop,
+)
 from modules.errors import UserError
 from modules.latent_cache import vae_moments
 from modules.model_config import LDMConfig, ldm_config_from_dict
@@ -52,23 +64,45 @@ logger = logging.getLogger("ldm")
 
 LDM_EXPORT_KIND = "ldm"
 CONDITIONINGS = ("text", "class", "none")
-SAMPLERS = ("ddim", "ddpm")
+# Sampler names -> classes. ddim/ddpm default to "leading" timestep spacing, the sigma-space
+# samplers (DPM-Solver++ 2M, Euler, Euler ancestral, LMS) to "linspace": diffusers' defaults for each.
+_SAMPLER_CLASSES = {
+    "ddim": DDIMSampler,
+    "ddpm": DDPMSampler,
+    "dpmpp_2m": DPMSolverMultistepSampler,
+    "euler": EulerSampler,
+    "euler_a": EulerAncestralSampler,
+    "lms": LMSSampler,
+}
+SAMPLERS = tuple(_SAMPLER_CLASSES)
+KARRAS_SAMPLERS = ("dpmpp_2m", "euler", "euler_a", "lms")
 # Files of a Hugging Face tokenizer/config folder that are embedded as text (weights are tensors).
 _TEXT_SUFFIXES = (".json", ".txt", ".model")
 
 Autoencoder = Union[AutoencoderKL, VQModel]
 
 
-def build_sampler(diffusion, sampler: str, eta: float = 0.0,
-                  timestep_spacing: str = "leading") -> Union[DDIMSampler, DDPMSampler]:
-    """A DDIM (eta) or DDPM sampler over the training schedule ``diffusion`` (a DiffusionConfig)."""
-    if sampler not in SAMPLERS:
+def build_sampler(diffusion, sampler: str, eta: float = 0.0, timestep_spacing: Optional[str] = None,
+                  karras_sigmas: bool = False) -> Sampler:
+    """The sampler named ``sampler`` (one of :data:`SAMPLERS`) over the training schedule ``diffusion``
+    (a DiffusionConfig).
+
+    ``eta`` is DDIM's noise scale (the other samplers ignore it); ``timestep_spacing`` None means the sampler's own
+    default (``leading`` for ddim/ddpm, ``linspace`` for the others, as in diffusers);
+    ``karras_sigmas`` puts dpmpp_2m / euler / euler_a / lms on the Karras et al. 2022 noise levels.
+    """
+    if sampler not in _SAMPLER_CLASSES:
         raise UserError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
+    if karras_sigmas and sampler not in KARRAS_SAMPLERS:
+        raise UserError(f"karras_sigmas works with the samplers {', '.join(KARRAS_SAMPLERS)}, not {sampler!r}")
     schedule = NoiseSchedule(diffusion.num_train_timesteps, diffusion.beta_schedule, diffusion.beta_start,
                              diffusion.beta_end)
+    spacing = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
     if sampler == "ddim":
-        return DDIMSampler(schedule, diffusion.prediction_type, eta=eta, timestep_spacing=timestep_spacing)
-    return DDPMSampler(schedule, diffusion.prediction_type, timestep_spacing=timestep_spacing)
+        return DDIMSampler(schedule, diffusion.prediction_type, eta=eta, **spacing)
+    if sampler == "ddpm":
+        return DDPMSampler(schedule, diffusion.prediction_type, **spacing)
+    return _SAMPLER_CLASSES[sampler](schedule, diffusion.prediction_type, use_karras_sigmas=karras_sigmas, **spacing)
 
 
 # ----------------------------------------------------------------------------------------
@@ -169,7 +203,8 @@ class LatentDiffusion:
         sampler: str = "ddim",
         num_inference_steps: int = 50,
         eta: float = 0.0,
-        timestep_spacing: str = "leading",
+        timestep_spacing: Optional[str] = None,
+        karras_sigmas: bool = False,
         generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
         init_images: Optional[torch.Tensor] = None,
         strength: float = 1.0,
@@ -183,8 +218,11 @@ class LatentDiffusion:
             class_labels: one per image (class models); the null class is the unconditional branch.
             guidance_scale: classifier-free guidance weight w of ``uncond + w (cond - uncond)``;
                 1 (or an unconditional model) runs the conditional branch alone.
-            sampler / num_inference_steps / eta / timestep_spacing: ``ddim`` or ``ddpm`` over that
-                many steps; ``eta`` is DDIM's noise scale (0: deterministic).
+            sampler / num_inference_steps / eta / timestep_spacing / karras_sigmas: one of
+                :data:`SAMPLERS` (``ddim``, ``ddpm``, ``dpmpp_2m``, ``euler``, ``euler_a``, ``lms``) over
+                that many steps (:func:`build_sampler`); ``eta`` is DDIM's noise scale (0: deterministic);
+                ``timestep_spacing`` None is the sampler's default; ``karras_sigmas`` the Karras noise
+                levels (not for ddim/ddpm).
             generator: source of every random draw (seeded: same images for the same seed); a list of
                 ``num_images`` generators gives each image its own draws, independent of the batch.
             init_images: (B, 3, H, W) in [-1, 1] for img2img with ``strength`` in [0, 1].
@@ -197,7 +235,7 @@ class LatentDiffusion:
         if guided:  # one UNet pass on the doubled batch: [uncond; cond]
             merged = _trimmed({key: torch.cat([uncond[key], cond[key]]) for key in cond})
         cond = _trimmed(cond)
-        sampling = build_sampler(self.config.diffusion, sampler, eta, timestep_spacing)
+        sampling = build_sampler(self.config.diffusion, sampler, eta, timestep_spacing, karras_sigmas)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with autocast() if autocast is not None else contextlib.nullcontext():

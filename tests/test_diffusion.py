@@ -1,4 +1,5 @@
-"""modules/diffusion.py against diffusers' DDPMScheduler / DDIMScheduler and against the papers' formulas.
+"""modules/diffusion.py against diffusers' DDPM/DDIM/DPMSolverMultistep/Euler/EulerAncestral/LMS schedulers
+and against the papers' formulas.
 
 Samplers are compared over whole multi-step trajectories driven by a fixed random "denoiser"
 and the same Gaussian draws on both sides (diffusers' DDIM takes them as ``variance_noise``;
@@ -9,11 +10,19 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
-from diffusers.schedulers import scheduling_ddpm
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+)
+from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
 from diffusers.training_utils import compute_snr
 
 from modules.diffusion import (
@@ -22,15 +31,21 @@ from modules.diffusion import (
     TIMESTEP_SPACINGS,
     DDIMSampler,
     DDPMSampler,
+    DPMSolverMultistepSampler,
+    EulerAncestralSampler,
+    EulerSampler,
+    LMSSampler,
     NoiseSchedule,
     classifier_free_guidance,
     diffusion_loss,
     img2img_timesteps,
     inference_timesteps,
+    karras_sigmas,
     min_snr_weights,
     sample_loop,
     sample_noise,
     sample_timesteps,
+    sigma_grid,
 )
 from modules.errors import UserError
 
@@ -474,3 +489,279 @@ def test_unknown_names_are_user_errors_listing_the_choices():
         DDIMSampler(schedule, eta=-1.0)
     with pytest.raises(UserError, match="betas"):
         NoiseSchedule(1000, "linear", beta_start=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Sigma-space samplers (DPM-Solver++ 2M, Euler, Euler ancestral, LMS) against diffusers
+# --------------------------------------------------------------------------------------------
+
+# name -> (ours, diffusers' scheduler, the diffusers arguments that select the method)
+SIGMA_SAMPLERS = {
+    "dpmpp_2m": (DPMSolverMultistepSampler, DPMSolverMultistepScheduler,
+                 {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": (EulerSampler, EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralSampler, EulerAncestralDiscreteScheduler, {}),
+    "lms": (LMSSampler, LMSDiscreteScheduler, {}),
+}
+
+
+def make_sigma_pair(name: str, beta_schedule: str, prediction_type: str, karras: bool, n: int, **grid):
+    """(ours, diffusers') for sampler ``name``, both with ``set_timesteps(n)`` called.
+
+    diffusers' EulerAncestralDiscreteScheduler has no Karras option: with ``karras`` it gets the
+    Karras grid of EulerDiscreteScheduler(use_karras_sigmas=True), which is what ours walks.
+    ``set_begin_index(0)``: diffusers otherwise starts a grid whose first timestep repeats (DPM-Solver,
+    Karras, cosine: 998, 998, ...) at its second copy and runs off the end.
+    """
+    schedule, kw = make_pair(beta_schedule)
+    del kw["clip_sample"]
+    ours_cls, ref_cls, method = SIGMA_SAMPLERS[name]
+    ours = ours_cls(schedule, prediction_type=prediction_type, use_karras_sigmas=karras, **grid)
+    karras_kw = {} if name == "euler_a" else {"use_karras_sigmas": karras}
+    ref = ref_cls(**kw, prediction_type=prediction_type, **method, **karras_kw, **grid)
+    ours.set_timesteps(n)
+    ref.set_timesteps(n)
+    if name == "euler_a" and karras:
+        grid_ref = EulerDiscreteScheduler(**kw, use_karras_sigmas=True, **grid)
+        grid_ref.set_timesteps(n)
+        ref.sigmas, ref.timesteps = grid_ref.sigmas, grid_ref.timesteps
+    ref.set_begin_index(0)
+    return ours, ref
+
+
+def make_float_t_model(prediction_type: str, alphas_cumprod: torch.Tensor, seed: int = 0):
+    """:func:`make_model` for fractional timesteps too (Euler/LMS grids): abar interpolated linearly in t."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(SHAPE[1], SHAPE[1], generator=g) / SHAPE[1] ** 0.5
+    T = len(alphas_cumprod)
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.double().clamp(0, T - 1)
+        lo = t.floor().long()
+        hi = (lo + 1).clamp(max=T - 1)
+        w = (t - lo.double()).float()
+        a = (alphas_cumprod[lo] + w * (alphas_cumprod[hi] - alphas_cumprod[lo])).view(-1, 1, 1, 1)
+        x0 = 0.8 * torch.tanh(torch.einsum("ij,bjhw->bihw", W, x))
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        if prediction_type == "epsilon":
+            return eps
+        if prediction_type == "v_prediction":
+            return a.sqrt() * eps - (1 - a).sqrt() * x0
+        return x0
+
+    return model_fn
+
+
+def vp(sampler, x: torch.Tensor, i: int) -> torch.Tensor:
+    """A sample after step i in VP units x_t (O(1) at every noise level), where a VE sample of the
+    Euler/LMS family, x_t * sqrt(sigma^2 + 1), is up to ~2e4 and float32 rounds it to ~1e-3."""
+    if isinstance(sampler, DPMSolverMultistepSampler):
+        return x
+    return x / (sampler.sigmas[i + 1] ** 2 + 1) ** 0.5
+
+
+def assert_same_sigma_trajectory(ours, ref, model_fn, noises, monkeypatch) -> torch.Tensor:
+    """Both samplers, pipeline-style (scale_model_input, model, step), from the same x_T and draws:
+    equal grids, and after every step equal samples (TOL on the raw sample, 1e-5 abs in VP units)."""
+    assert ours.timesteps.dtype == ref.timesteps.dtype and torch.equal(ours.timesteps, ref.timesteps)
+    assert torch.equal(ours.sigmas, ref.sigmas)
+    assert float(ours.init_noise_sigma) == float(ref.init_noise_sigma)
+    x_ours = x_ref = noises[-1] * ref.init_noise_sigma
+    for i, t in enumerate(ours.timesteps.tolist()):
+        t_batch = torch.full((SHAPE[0],), t, dtype=ours.timesteps.dtype)
+        t_ref = ref.timesteps[i]
+        monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", lambda *a, z=noises[i], **k: z)
+        x_ref = ref.step(model_fn(ref.scale_model_input(x_ref, t_ref), t_batch), t_ref, x_ref).prev_sample
+        x_ours = ours.step(model_fn(ours.scale_model_input(x_ours, t), t_batch), t, x_ours, noise=noises[i])
+        torch.testing.assert_close(x_ours, x_ref, **TOL)
+        torch.testing.assert_close(vp(ours, x_ours, i), vp(ours, x_ref, i), rtol=0, atol=1e-5)
+    return x_ours
+
+
+@pytest.mark.parametrize("karras", [False, True], ids=["plain", "karras"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("beta_schedule", BETA_SCHEDULES)
+@pytest.mark.parametrize("name", list(SIGMA_SAMPLERS))
+def test_sigma_sampler_trajectory_equals_diffusers(name, beta_schedule, prediction_type, karras, monkeypatch):
+    """Default grids (linspace spacing), 12 steps: every step's sample equals diffusers'."""
+    ours, ref = make_sigma_pair(name, beta_schedule, prediction_type, karras, 12)
+    model_fn = make_float_t_model(prediction_type, ref.alphas_cumprod)
+    x = assert_same_sigma_trajectory(ours, ref, model_fn, draws(12), monkeypatch)
+    assert torch.isfinite(x).all() and x.abs().max() < 10  # the last step lands at sigma = 0: x0-like
+
+
+@pytest.mark.parametrize(
+    "name, spacing, n", [("euler", "leading", 7), ("euler_a", "trailing", 10), ("lms", "leading", 20),
+                         ("dpmpp_2m", "leading", 7), ("dpmpp_2m", "trailing", 20)],
+)
+def test_sigma_sampler_other_spacings_equal_diffusers(name, spacing, n, monkeypatch):
+    ours, ref = make_sigma_pair(name, "scaled_linear", "epsilon", False, n, timestep_spacing=spacing)
+    assert_same_sigma_trajectory(ours, ref, make_float_t_model("epsilon", ref.alphas_cumprod), draws(n), monkeypatch)
+
+
+def test_karras_sigmas_are_eq5_and_the_grid_ends_at_zero():
+    s = karras_sigmas(0.03, 80.0, 9)
+    assert s[0] == pytest.approx(80.0) and s[-1] == pytest.approx(0.03)
+    steps = np.diff(s ** (1 / 7.0))  # equally spaced in sigma^(1/rho), rho = 7
+    np.testing.assert_allclose(steps, steps[0], rtol=1e-9)
+    schedule = NoiseSchedule(1000, "scaled_linear", 0.00085, 0.012)
+    for solver_grid in (False, True):
+        timesteps, sigmas = sigma_grid(schedule, 10, use_karras_sigmas=True, solver_grid=solver_grid)
+        assert len(timesteps) == 10 and len(sigmas) == 11 and sigmas[-1] == 0
+        assert (np.diff(sigmas) < 0).all() and (np.diff(timesteps) <= 0).all()
+
+
+@pytest.mark.parametrize("name", list(SIGMA_SAMPLERS))
+def test_sample_loop_with_sigma_samplers_equals_a_diffusers_pipeline_loop(name):
+    """init_noise_sigma, scale_model_input and the generator's draws in diffusers' order."""
+    ours, ref = make_sigma_pair(name, "scaled_linear", "v_prediction", False, 10)
+    model_fn = make_float_t_model("v_prediction", ref.alphas_cumprod)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(SHAPE, generator=g) * ref.init_noise_sigma
+    extra = {} if name == "lms" else {"generator": g}  # diffusers' LMS step takes none
+    for t in ref.timesteps:
+        t_batch = torch.full((SHAPE[0],), float(t), dtype=ref.timesteps.dtype)
+        x = ref.step(model_fn(ref.scale_model_input(x, t), t_batch), t, x, **extra).prev_sample
+    got = sample_loop(model_fn, ours, SHAPE, 10, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, x, **TOL)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "euler", "euler_a"])
+def test_img2img_with_sigma_samplers_equals_the_diffusers_recipe(name):
+    """diffusers' img2img: tail of the grid, set_begin_index, add_noise at the first kept step."""
+    ours, ref = make_sigma_pair(name, "linear", "epsilon", True, 20)
+    model_fn = make_float_t_model("epsilon", ref.alphas_cumprod)
+    init = torch.rand(SHAPE, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    g = torch.Generator().manual_seed(11)
+    start = 20 - int(20 * 0.6)
+    timesteps = ref.timesteps[start:]
+    ref.set_begin_index(start)
+    x = ref.add_noise(init, torch.randn(SHAPE, generator=g), timesteps[:1].repeat(SHAPE[0]))
+    for t in timesteps:
+        t_batch = torch.full((SHAPE[0],), float(t), dtype=ref.timesteps.dtype)
+        x = ref.step(model_fn(ref.scale_model_input(x, t), t_batch), t, x, generator=g).prev_sample
+    got = sample_loop(model_fn, ours, None, 20, generator=torch.Generator().manual_seed(11), init=init, strength=0.6)
+    torch.testing.assert_close(got, x, **TOL)
+
+
+def test_lms_img2img_starts_with_an_euler_step_and_sigma_noising_is_q_xt_x0():
+    """LMS has no history at the first kept step, so it takes an Euler step (diffusers' LMS would use
+    order-4 coefficients with one derivative there); and the VE start x0 + sigma eps is q(x_t | x_0)
+    times 1 / sqrt(abar)."""
+    schedule = NoiseSchedule(1000, "linear")
+    model_fn = make_float_t_model("epsilon", schedule.alphas_cumprod)
+    init, noise = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
+    lms, euler = LMSSampler(schedule), EulerSampler(schedule)
+    for s in (lms, euler):
+        s.set_timesteps(20)
+    x_lms, x_euler = lms.start_at(8, init, noise), euler.start_at(8, init, noise)
+    t = float(lms.timesteps[8])
+    t_batch = torch.full((SHAPE[0],), t)
+    out = model_fn(lms.scale_model_input(x_lms, t), t_batch)
+    assert torch.equal(lms.step(out, t, x_lms), euler.step(out, t, x_euler))
+    abar = float(np.interp(t, np.arange(1000), schedule.alphas_cumprod.double().numpy()))
+    sigma = float(lms.sigmas[8])
+    assert sigma == pytest.approx(((1 - abar) / abar) ** 0.5, rel=1e-3)  # sigma interpolated, abar too
+    # DDPM/DDIM keep their q(x_t | x_0) start.
+    ddim = DDIMSampler(schedule)
+    ddim.set_timesteps(20)
+    t_ddim = int(ddim.timesteps[8])
+    assert torch.equal(ddim.start_at(8, init, noise), schedule.add_noise(init, noise, t_ddim))
+
+
+def test_sigma_samplers_are_stateful_and_say_so():
+    schedule = NoiseSchedule(1000, "linear")
+    euler = EulerSampler(schedule)
+    euler.set_timesteps(10)
+    x = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match="not in this sampler's timesteps"):
+        euler.step(x, 500.5, x)
+    t0, t1, t2 = euler.timesteps[:3].tolist()
+    euler.step(x, t0, x)
+    with pytest.raises(ValueError, match="expected step 1"):
+        euler.step(x, t2, x)
+    euler.step(x, t1, x)  # the right one still works
+    euler.set_timesteps(10)  # and set_timesteps restarts
+    euler.step(x, t0, x)
+    with pytest.raises(UserError, match="order"):
+        LMSSampler(schedule, order=0)
+    with pytest.raises(UserError, match="timestep_spacing 'even'"):
+        EulerSampler(schedule, timestep_spacing="even")
+    with pytest.raises(UserError, match="prediction_type"):
+        DPMSolverMultistepSampler(schedule, prediction_type="eps")
+    # The ancestral step draws its noise from the generator when none is given, like diffusers.
+    ea, ref = make_sigma_pair("euler_a", "linear", "epsilon", False, 10)
+    out = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    t = ref.timesteps[0]
+    got = ea.step(out, float(t), x, generator=torch.Generator().manual_seed(5))
+    want = ref.step(out, t, x, generator=torch.Generator().manual_seed(5)).prev_sample
+    torch.testing.assert_close(got, want, **TOL)
+
+
+# --------------------------------------------------------------------------------------------
+# build_sampler and LatentDiffusion.generate with every sampler
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_ldm():
+    from modules.autoencoder import VAEConfig, build_autoencoder
+    from modules.ldm_io import LatentDiffusion
+    from modules.model_config import LDMConfig
+    from modules.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    vae_cfg = VAEConfig(img_size=16, vae_channels_per_block=[8, 16], norm_num_groups=4, latent_channels=4,
+                        residual_layers_per_block=1, attention_layers=0)
+    unet_cfg = UNetConfig(unet_channels_per_block=[16, 32], down_block_types=["Down", "Down"],
+                          up_block_types=["Up", "Up"], mid_block_type="None", unet_residual_layers_per_block=1,
+                          groupnorm_groups=4, num_attention_heads=2, time_embed_start_dim=16, time_embed_proj_dim=32,
+                          text_conditioning=False, class_conditioning=False)
+    unet = UNet(unet_cfg)
+    with torch.no_grad():  # a zero-initialised output layer would make every sampler's job trivial
+        for p in unet.parameters():
+            p.add_(0.1 * torch.randn(p.shape))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: one thread is fastest on a busy machine
+    yield LatentDiffusion(unet=unet.eval(), vae=build_autoencoder(vae_cfg).eval(), text_encoder=None,
+                          config=LDMConfig(vae=vae_cfg, unet=unet_cfg), scaling_factor=0.7, shift_factor=0.0,
+                          conditioning="none", img_size=16)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("karras", [False, True])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m", "euler", "euler_a", "lms"])
+def test_generate_with_every_sampler_gives_finite_seeded_images(tiny_ldm, sampler, karras):
+    if karras and sampler in ("ddpm", "ddim"):
+        with pytest.raises(UserError, match="karras_sigmas works with the samplers dpmpp_2m, euler, euler_a, lms"):
+            tiny_ldm.generate(1, sampler=sampler, karras_sigmas=True)
+        return
+    kw = dict(sampler=sampler, num_inference_steps=4, karras_sigmas=karras)
+    images = tiny_ldm.generate(2, generator=torch.Generator().manual_seed(0), **kw)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    assert not torch.equal(images[0], images[1])
+    assert torch.equal(images, tiny_ldm.generate(2, generator=torch.Generator().manual_seed(0), **kw))
+    edited = tiny_ldm.generate(2, generator=torch.Generator().manual_seed(1), init_images=images.flip(-1),
+                               strength=0.5, **kw)
+    assert edited.shape == images.shape and torch.isfinite(edited).all()
+
+
+def test_build_sampler_names_spacing_defaults_and_errors():
+    from modules.ldm_io import SAMPLERS, build_sampler
+    from modules.model_config import DiffusionConfig
+
+    cfg = DiffusionConfig(prediction_type="v_prediction")
+    assert SAMPLERS == ("ddim", "ddpm", "dpmpp_2m", "euler", "euler_a", "lms")
+    built = {name: build_sampler(cfg, name) for name in SAMPLERS}
+    assert [type(s).__name__ for s in built.values()] == [
+        "DDIMSampler", "DDPMSampler", "DPMSolverMultistepSampler", "EulerSampler", "EulerAncestralSampler",
+        "LMSSampler"]
+    assert {n: s.timestep_spacing for n, s in built.items()} == {
+        "ddim": "leading", "ddpm": "leading", "dpmpp_2m": "linspace", "euler": "linspace", "euler_a": "linspace",
+        "lms": "linspace"}
+    assert all(s.prediction_type == "v_prediction" for s in built.values())
+    assert build_sampler(cfg, "euler", timestep_spacing="trailing", karras_sigmas=True).use_karras_sigmas
+    assert build_sampler(cfg, "ddim", eta=0.5).eta == 0.5
+    with pytest.raises(UserError, match="unknown sampler 'heun'; expected one of: ddim, ddpm, dpmpp_2m, euler, "
+                                        "euler_a, lms"):
+        build_sampler(cfg, "heun")

@@ -205,6 +205,8 @@ def test_bad_inputs_are_one_line_errors(exports, tmp_path, capsys):
         ["--path_to_weights", text, "--prompt", "x", "--init_image", str(exports["init"]), "--strength", "1.5"], capsys)
     assert "argument --sampler: invalid choice: 'heun'" in one_line_error(
         ["--path_to_weights", text, "--prompt", "x", "--sampler", "heun"], capsys)
+    assert "--karras works with the samplers dpmpp_2m, euler, euler_a, lms, not ddim" in one_line_error(
+        ["--path_to_weights", text, "--prompt", "x", "--karras"], capsys)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# nothing but a comment\n\n")
     assert f"--prompts_file {prompts}: no prompts in it" in one_line_error(
@@ -299,3 +301,18 @@ def test_a_prompts_file_gives_a_grid_per_prompt_and_batches_do_not_change_the_im
                                 "--num_inference_steps", "3", "--seed", "6", "--sampler", "ddpm", "--output",
                                 str(tmp_path / "alone")])
     assert torch.equal(_pixels(alone[0]), _pixels(one[5]))
+
+
+def test_fast_samplers_from_the_command_line_record_their_web_ui_names(exports, tmp_path):
+    from modules.generation_record import read_png_settings
+
+    for sampler, karras, name, spacing in (("dpmpp_2m", True, "DPM++ 2M Karras", "linspace"),
+                                           ("euler_a", False, "Euler a", "linspace"),
+                                           ("lms", False, "LMS", "linspace")):
+        paths = inference_ldm.main(["--path_to_weights", str(exports["text"]), "--prompt", PROMPT, "--sampler", sampler,
+                                    *(["--karras"] if karras else []), "--num_inference_steps", "4", "--seed", "2",
+                                    "--output", str(tmp_path / sampler)])
+        got = read_png_settings(paths[0])
+        assert f"Sampler: {name}," in got["parameters"] and got["sampler"] == sampler
+        assert got["timestep_spacing"] == spacing and got.get("karras") == ("True" if karras else None)
+        assert _pixels(paths[0]).float().std() > 0
