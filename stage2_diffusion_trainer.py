@@ -17,8 +17,10 @@ learns to predict the noise (or v, or x0) of ``z_t = sqrt(abar_t) z_0 + sqrt(1 -
 A fraction ``cfg_dropout_prob`` of the captions becomes ``""`` (of the class labels, the null
 class), so one network learns the conditional and the unconditional model and sampling can
 use classifier-free guidance (Ho & Salimans 2022). An EMA of the UNet is kept for the sample
-grids and the export. Optionally the dataset is encoded once (``cache_latents``), which makes
-every later epoch skip the VAE (see ``modules/latent_cache.py``).
+grids and the export. ``training_args.init_unet_from`` starts from existing weights instead of a
+random init (fine-tuning Stable Diffusion 1.x: a diffusers UNet2DConditionModel folder, or one of
+our exports; see configs/stage2_finetune_sd15.yaml). Optionally the dataset is encoded once
+(``cache_latents``), which makes every later epoch skip the VAE (see ``modules/latent_cache.py``).
 
 Usage (the tutorial's command):
 
@@ -59,7 +61,7 @@ from modules.data_loading import build_dataloader
 from modules.diffusion import NoiseSchedule, diffusion_loss, sample_noise, sample_timesteps
 from modules.ema import EMA
 from modules.errors import OneLineArgumentParser, UserError
-from modules.export import check_export_kind, describe_run, read_export_metadata
+from modules.export import check_export_kind, describe_run, read_export, read_export_metadata
 from modules.image_datasets import build_dataset, dataset_conditioning, images_to_model
 from modules.latent_cache import (
     CachedLatentDataset,
@@ -70,11 +72,11 @@ from modules.latent_cache import (
     vae_moments,
 )
 from modules.generation_record import read_prompts
-from modules.ldm_io import LatentDiffusion, save_ldm_export, text_encoder_export
+from modules.ldm_io import LDM_EXPORT_KIND, LatentDiffusion, save_ldm_export, text_encoder_export
 from modules.loop import Backward, LoopConfig, Update, check_at_least, check_loop_keys, train_loop
 from modules.metrics import MetricsLogger
 from modules.performance import SpeedArgs, compile_modules, to_channels_last
-from modules.model_config import load_ldm_config, scale_factor_for, split_overrides
+from modules.model_config import ldm_config_from_dict, load_ldm_config, scale_factor_for, split_overrides
 from modules.optim import build_adamw, build_lr_scheduler
 from modules.paths import check_writable_folder
 from modules.text_encoder import encoder_source
@@ -127,6 +129,7 @@ class Stage2TrainingArgs(SpeedArgs):
     latent_cache_dtype: Literal["auto", "float32", "float16"] = "auto"
     train_text_encoder: bool = False
     hf_cache_dir: Optional[str] = None
+    init_unet_from: Optional[str] = None
     checkpoint_iterations: int = 5000
     checkpoints_total_limit: Optional[int] = 3
     logging_steps: int = 50
@@ -136,11 +139,12 @@ class Stage2TrainingArgs(SpeedArgs):
     sample_class_labels: Optional[List[int]] = None
     num_samples_per_condition: int = 2
     num_unconditional_samples: int = 16
-    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sampler: Literal["ddim", "ddpm", "dpmpp_2m", "euler", "euler_a", "lms"] = "ddim"
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     ddim_eta: float = 0.0
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
+    karras_sigmas: bool = False
     sample_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -150,6 +154,8 @@ class Stage2TrainingArgs(SpeedArgs):
         check_at_least(self, ("ema_update_after_step",), 0)
         if not 0.0 <= self.cfg_dropout_prob <= 1.0:
             raise ValueError(f"cfg_dropout_prob must be in [0, 1], got {self.cfg_dropout_prob}")
+        if self.karras_sigmas and self.sampler in ("ddim", "ddpm"):
+            raise ValueError(f"karras_sigmas needs sampler dpmpp_2m, euler, euler_a or lms, not {self.sampler}")
         if self.offset_noise < 0 or self.ddim_eta < 0 or self.huber_c <= 0:
             raise ValueError("offset_noise and ddim_eta must be >= 0 and huber_c > 0")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
@@ -216,6 +222,43 @@ def cfg_dropout_mask(batch_size: int, prob: float, device: torch.device) -> torc
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"dropout probability must be in [0, 1], got {prob}")
     return torch.rand(batch_size, device=device) < prob
+
+
+# UNet keys that change neither the weights nor what they compute in eval mode: an init may differ in them.
+_NON_ARCHITECTURE_KEYS = ("text_conditioning_hf_model", "pre_encoded_text", "dropout", "gradient_checkpointing")
+
+
+def initial_unet_state(source: str, ldm, model_config_path: Path) -> Dict[str, torch.Tensor]:
+    """``training_args.init_unet_from``: the UNet weights to start from (fine-tuning), after checking
+    that they describe the network of ``ldm.unet`` (else one line naming the key that differs).
+
+    ``source`` is a diffusers ``UNet2DConditionModel`` folder (e.g. Stable Diffusion 1.x's ``unet/``,
+    or the pipeline folder holding it, whose ``scheduler/`` must then match ``ldm.diffusion``;
+    :mod:`modules.diffusers_interop` maps the names) or one of our stage-2 exports (its ``unet.*``
+    tensors, the ``unet`` and ``diffusion`` sections of its metadata).
+    """
+    from modules.diffusers_interop import load_diffusers_unet_state
+
+    path = Path(source).expanduser()
+    where = f"training_args.init_unet_from {source}"
+    if not path.exists():
+        raise UserError(f"{where}: not found (a diffusers UNet2DConditionModel folder or a stage-2 model.safetensors)")
+    try:
+        if path.is_dir():
+            return load_diffusers_unet_state(path, ldm.unet, ldm.diffusion)
+        tensors, meta = read_export(path, expected_kind=LDM_EXPORT_KIND)
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+    if "model_config" not in meta:
+        raise UserError(f"{where}: not a stage-2 export (no model_config in its metadata)")
+    theirs = ldm_config_from_dict(meta["model_config"], f"{path} (metadata model_config)")
+    for section, skip in (("unet", _NON_ARCHITECTURE_KEYS), ("diffusion", ())):
+        mine, other = getattr(ldm, section), getattr(theirs, section)
+        for f in dataclasses.fields(mine):
+            if f.name not in skip and getattr(other, f.name) != getattr(mine, f.name):
+                raise UserError(f"{where}: its {section}.{f.name} is {json.dumps(getattr(other, f.name))} but "
+                                f"{model_config_path} has {json.dumps(getattr(mine, f.name))}")
+    return {name[len("unet."):]: value for name, value in tensors.items() if name.startswith("unet.")}
 
 
 def check_unet_conditioning(conditioning: str, unet: UNetConfig, dataset: str, config_path: str) -> None:
@@ -354,13 +397,14 @@ def validation_conditions(conditioning: str, args: Stage2TrainingArgs, num_class
 
 
 def save_sample_grid(pipeline: LatentDiffusion, args: Stage2TrainingArgs, conditions, path: Path, autocast) -> Path:
-    """Generate the validation images with DDIM/DDPM + guidance from a fixed seed; save one grid PNG."""
+    """Generate the validation images with the configured sampler + guidance from a fixed seed; save one grid PNG."""
     from torchvision.utils import save_image
 
     prompts, labels, n, per_row = conditions
     generator = torch.Generator().manual_seed(args.sample_seed)  # same noise at every step: comparable grids
     images = pipeline.generate(n, prompts=prompts, class_labels=labels, guidance_scale=args.guidance_scale,
                                sampler=args.sampler, num_inference_steps=args.num_inference_steps, eta=args.ddim_eta,
+                               karras_sigmas=args.karras_sigmas,
                                timestep_spacing=args.timestep_spacing, generator=generator, autocast=autocast)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images * 0.5 + 0.5, str(path), nrow=per_row)  # rows = prompts / classes
@@ -572,6 +616,14 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     if conditioning == "text":
         text_encoder, text_encoder_state = load_text_encoder(ldm, train_cfg, model_config_path, device, frozen_dtype)
     unet = UNet(ldm.unet)
+    if train_cfg.init_unet_from:  # fine-tuning: start from these weights (a resume then loads its own)
+        init_state = initial_unet_state(train_cfg.init_unet_from, ldm, model_config_path)
+        try:
+            unet.load_state_dict(init_state, strict=True)
+        except RuntimeError as err:
+            raise UserError(f"training_args.init_unet_from {train_cfg.init_unet_from}: the weights do not fit "
+                            f"the unet config ({str(err).strip().splitlines()[-1].strip()})") from None
+        logger.info("UNet initialised from %s", train_cfg.init_unet_from)
     logger.info("UNet: %.2fM parameters, %s conditioning, predicts %s", sum(p.numel() for p in unet.parameters()) / 1e6,
                 conditioning, ldm.diffusion.prediction_type)
     trained: List[torch.nn.Module] = [unet] + ([text_encoder] if train_cfg.train_text_encoder else [])

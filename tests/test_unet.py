@@ -7,6 +7,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_timestep_embedding
 
 import modules.unet as unet_module
+from modules.diffusers_interop import diffusers_to_our_unet_state, our_unet_state_to_diffusers
 from modules.unet import TimestepEmbedder, UNet, UNetConfig
 
 TEXT_DIM = 16
@@ -261,33 +262,6 @@ def test_timestep_embedder_matches_diffusers(flip, shift):
     torch.testing.assert_close(ours(t), mlp(proj(t)), atol=1e-5, rtol=1e-5)
 
 
-def diffusers_to_ours(state_dict):
-    """Rename diffusers UNet2DConditionModel keys to ours and fuse q/k/v (self) and k/v (cross)."""
-    renames = [
-        (r"^time_embedding\.", "time_embed."),
-        (r"^conv_norm_out\.", "norm_out."),
-        (r"^mid_block\.attentions\.0\.", "mid_block.attention."),
-        (r"\.transformer_blocks\.", ".blocks."),
-        (r"\.to_out\.0\.", ".to_out."),
-        (r"\.ff\.net\.0\.proj\.", ".ff.proj_in."),
-        (r"\.ff\.net\.2\.", ".ff.proj_out."),
-        (r"\.downsamplers\.0\.", ".downsample."),
-        (r"\.upsamplers\.0\.", ".upsample."),
-    ]
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in renames:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    for key in [k for k in out if k.endswith("attn1.to_q.weight")]:
-        base = key[: -len("to_q.weight")]
-        out[base + "to_qkv.weight"] = torch.cat([out.pop(base + f"to_{n}.weight") for n in "qkv"])
-    for key in [k for k in out if k.endswith("attn2.to_k.weight")]:
-        base = key[: -len("to_k.weight")]
-        out[base + "to_kv.weight"] = torch.cat([out.pop(base + f"to_{n}.weight") for n in "kv"])
-    return out
-
-
 def test_same_architecture_and_numerics_as_diffusers_unet():
     """Our text UNet is SD's UNet2DConditionModel (linear projections): weights map 1:1 and the
     outputs agree, padding mask included."""
@@ -309,7 +283,7 @@ def test_same_architecture_and_numerics_as_diffusers_unet():
     ).eval()
     randomize(theirs, seed=3)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
-    ours.load_state_dict(diffusers_to_ours(theirs.state_dict()), strict=True)  # every key maps, none left over
+    ours.load_state_dict(diffusers_to_our_unet_state(theirs.state_dict()), strict=True)  # every key maps, none left over
     x, t, context = inputs(size=8, length=7)
     mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1] * 7], dtype=torch.bool)
     with torch.no_grad():
@@ -317,3 +291,7 @@ def test_same_architecture_and_numerics_as_diffusers_unet():
         got = ours(x, t, context, mask)
     # LayerNorm eps is 1e-5 in diffusers and norm_eps (1e-6) here: the only numeric difference.
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+    # And back: our names map onto diffusers' exactly, split projections included.
+    back = our_unet_state_to_diffusers(ours.state_dict())
+    assert back.keys() == theirs.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in theirs.state_dict().items())
