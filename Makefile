@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline \
-	NO_ALBUMENTATIONS_UPDATE=1 TOKENIZERS_PARALLELISM=false
+	NO_ALBUMENTATIONS_UPDATE=1 TOKENIZERS_PARALLELISM=false GRADIO_ANALYTICS_ENABLED=False
 DEMO_DIR ?= demo_out
 
 .PHONY: install test demo bench clean
@@ -18,7 +18,15 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
-test: $(STAMP)
+# tests/test_app.py drives Debian's headless Chromium (Playwright cannot download its own browser
+# here); installed from apt when missing (CI runs as root with the apt registry reachable).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+test: $(STAMP) $(CHROMIUM)
 	$(OFFLINE) $(PY) -m pytest -q tests
 
 demo: $(STAMP)

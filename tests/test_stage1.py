@@ -504,7 +504,7 @@ def test_compiled_training_matches_eager(tmp_path, assets, fresh_log_handler, mo
 # ---- preemption: SIGTERM to the launcher, SIGKILL during a checkpoint save, resume ---------------------------
 
 def test_sigterm_to_the_launcher_then_a_kill_during_a_save_then_resume_equals_uninterrupted(assets, tmp_path):
-    """One process under ``accelerate launch`` with 2 loader workers, 40 steps, GAN from step 4.
+    """One process under ``accelerate launch`` with 2 loader workers, 24 steps, GAN from step 4.
     SIGTERM to the launcher alone (which forwards nothing: the trainer asked the kernel for SIGTERM
     when its launcher dies) stops the run after the step in flight with a checkpoint and exit 143
     (read from the log: the launcher is gone); the resumed run is SIGKILLed while it writes its next
@@ -514,8 +514,8 @@ def test_sigterm_to_the_launcher_then_a_kill_during_a_save_then_resume_equals_un
 
     from interrupts import kill_during_save_command, signal_launcher, start, wait_for_step, was_killed
 
-    sets = ["training_args.total_training_iterations=40", "training_args.num_workers=2",
-            "training_args.checkpoint_iterations=10", "training_args.val_generation_freq=1000",
+    sets = ["training_args.total_training_iterations=24", "training_args.num_workers=2",
+            "training_args.checkpoint_iterations=8", "training_args.val_generation_freq=1000",
             "training_args.checkpoints_total_limit=2"]
     command = lambda work, extra=(): tutorial_kl_command(work, assets["data"], tmp_path / "gens", assets["lpips"],
                                                          with_sets(sets) + list(extra))
@@ -528,12 +528,12 @@ def test_sigterm_to_the_launcher_then_a_kill_during_a_save_then_resume_equals_un
     wait_for_step(first, run_dir, 3)
     signal_launcher(first, signal.SIGTERM)
     stopped = sorted(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*"))
-    assert len(stopped) == 1 and 3 <= stopped[0] < 40, first.output()[-3000:]
+    assert len(stopped) == 1 and 3 <= stopped[0] < 24, first.output()[-3000:]
     k = stopped[0]
-    assert f"stopped by SIGTERM at step {k} of 40" in first.stderr.read_text()
+    assert f"stopped by SIGTERM at step {k} of 24" in first.stderr.read_text()
     assert not (work / "model.safetensors").exists()
 
-    save_at = (k // 10 + 1) * 10  # the next periodic checkpoint of the resumed run
+    save_at = (k // 8 + 1) * 8  # the next periodic (or the final) checkpoint of the resumed run
     script_argv = command(work, ["--resume_from_checkpoint", "latest"])
     second = start(kill_during_save_command(script_argv[0], script_argv[1:], save_at), REPO_ROOT, env(),
                    tmp_path / "logs2")
