@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modules.cli import run_main  # noqa: E402
 from modules.errors import UserError  # noqa: E402
 from modules.image_datasets import build_dataset, images_to_model  # noqa: E402
+from modules.ldm_io import SAMPLERS  # noqa: E402
 from modules.image_metrics import psnr, ssim  # noqa: E402
 from modules.shapes import COLOR_NAMES, SHAPE_NAMES, ShapeSpec, caption_accuracy, render_shape  # noqa: E402
 
@@ -63,7 +64,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ldm.add_argument("--num_samples", type=int, default=64, help="prompts (one image each)")
     ldm.add_argument("--guidance_scale", type=float, default=4.0)
     ldm.add_argument("--num_inference_steps", type=int, default=50)
-    ldm.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    ldm.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    ldm.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m, euler, euler_a, lms)")
     ldm.add_argument("--save_grid", default=None, help="PNG path for a grid of the generated samples")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the sampling noise")
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
@@ -161,7 +163,7 @@ def ldm_quality(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
         batch = prompts[start:start + args.batch_size]
         samples.append(model.generate(len(batch), prompts=batch, guidance_scale=args.guidance_scale,
                                       sampler=args.sampler, num_inference_steps=args.num_inference_steps,
-                                      generator=generator))
+                                      karras_sigmas=args.karras, generator=generator))
     images = torch.cat(samples)  # (N, 3, S, S) in [-1, 1]
     seconds = time.perf_counter() - started
     if args.save_grid:
@@ -207,8 +209,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             ["prompt images through the VAE"] + [f"{ldm['vae_ceiling'][k]:.3f}" for k in ACCURACY_KEYS],
             ["chance"] + [f"{ldm['chance'][k]:.3f}" for k in ACCURACY_KEYS],
         ]
-        title = (f"LDM prompt following: {args.num_samples} prompts, {args.sampler} {args.num_inference_steps} steps "
-                 f"({ldm['samples']['seconds']:.0f} s), caption read back from the pixels")
+        title = (f"LDM prompt following: {args.num_samples} prompts, {args.sampler}{' Karras' if args.karras else ''} "
+                 f"{args.num_inference_steps} steps ({ldm['samples']['seconds']:.0f} s, "
+                 f"{ldm['samples']['seconds'] / args.num_samples:.3f} s per image), caption read back from the pixels")
         print(table(title, ["", *ACCURACY_KEYS], rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

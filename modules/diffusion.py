@@ -631,10 +631,10 @@ class _SigmaSampler:
     def __init__(
         self,
         schedule: NoiseSchedule,
-        prediction_type: str,
-        use_karras_sigmas: bool,
-        timestep_spacing: str,
-        steps_offset: int,
+        prediction_type: str = "epsilon",
+        use_karras_sigmas: bool = False,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
     ) -> None:
         _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         _check_choice("timestep_spacing", timestep_spacing, SIGMA_TIMESTEP_SPACINGS)
@@ -747,16 +747,6 @@ class EulerSampler(_SigmaSampler):
         timestep_spacing, steps_offset: see :func:`sigma_grid`.
     """
 
-    def __init__(
-        self,
-        schedule: NoiseSchedule,
-        prediction_type: str = "epsilon",
-        use_karras_sigmas: bool = False,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-    ) -> None:
-        super().__init__(schedule, prediction_type, use_karras_sigmas, timestep_spacing, steps_offset)
-
     def step(
         self,
         model_output: torch.Tensor,
@@ -787,16 +777,6 @@ class EulerAncestralSampler(_SigmaSampler):
 
     Args: as for :class:`EulerSampler`.
     """
-
-    def __init__(
-        self,
-        schedule: NoiseSchedule,
-        prediction_type: str = "epsilon",
-        use_karras_sigmas: bool = False,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-    ) -> None:
-        super().__init__(schedule, prediction_type, use_karras_sigmas, timestep_spacing, steps_offset)
 
     def step(
         self,
@@ -907,16 +887,6 @@ class DPMSolverMultistepSampler(_SigmaSampler):
 
     solver_grid = True
     vp_space = True
-
-    def __init__(
-        self,
-        schedule: NoiseSchedule,
-        prediction_type: str = "epsilon",
-        use_karras_sigmas: bool = False,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-    ) -> None:
-        super().__init__(schedule, prediction_type, use_karras_sigmas, timestep_spacing, steps_offset)
 
     def _reset_history(self) -> None:
         self._previous: tuple[int, torch.Tensor] | None = None  # (grid index, x0_hat) of the last step
