@@ -5,13 +5,15 @@ every stage runs on it unchanged:
 
     python generate_data.py bapps <OUT> [--num_train 64 --num_val 32 --num_jnd 32 --img_size 256]
     python generate_data.py shapes <OUT> [--num_images 2000 --img_size 64 --format parquet|folder]
-    python generate_data.py tiny_clip <OUT> [--hidden_size 64 --layers 2]
+    python generate_data.py tiny_clip <OUT> [--hidden_size 64 --layers 2 --vision_image_size 32]
+    python generate_data.py inception <OUT.pth> [--seed 0]
 
 `bapps` writes 2afc/{train,val}/<category>/{ref,p0,p1,judge} and jnd/val/<category>/{p0,p1,same}
 with distortions of known strength; `shapes` writes img2dataset-layout parquet shards (the input
 of prep_cc.py) or an image folder with .txt captions; `tiny_clip` writes a random-init CLIP text
-model with a real CLIPTokenizer whose vocabulary covers the shapes captions (a stand-in for
-openai/clip-vit-large-patch14 when there is no network).
+model (with --vision_image_size a whole CLIPModel) with a real CLIPTokenizer whose vocabulary
+covers the shapes captions (a stand-in for openai/clip-vit-large-patch14 when there is no network);
+`inception` writes random Inception-v3 weights for evaluate_ldm.py's FID/KID offline.
 """
 from __future__ import annotations
 
@@ -50,6 +52,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     clip.add_argument("--layers", type=positive_int, default=2)
     clip.add_argument("--heads", type=positive_int, default=2)
     clip.add_argument("--seed", type=int, default=0)
+    clip.add_argument("--vision_image_size", type=positive_int, default=None,
+                      help="also a vision tower for this image size: a whole CLIPModel (for the CLIP score)")
+
+    inception = sub.add_parser("inception", help="random Inception-v3 weights (offline stand-in for FID/KID)")
+    inception.add_argument("out", help="a .pth file for evaluate_ldm.py --inception_weights")
+    inception.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
@@ -78,12 +86,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         else:
             write_shapes_folder(args.out, args.num_images, args.img_size, args.seed, overwrite=args.overwrite)
         print(f"wrote {args.num_images} shapes images ({args.format}) to {args.out}")
+    elif args.what == "inception":
+        from modules.scores import write_random_inception
+
+        write_random_inception(args.out, args.seed)
+        print(f"wrote random Inception-v3 weights (seed {args.seed}) to {args.out}: FID/KID with them compare "
+              "runs scored with this file, not published numbers")
     else:
         from modules.text_encoder import build_tiny_clip
 
         build_tiny_clip(args.out, shapes_vocabulary(), hidden_size=args.hidden_size, layers=args.layers,
-                        heads=args.heads, seed=args.seed)
-        print(f"wrote a tiny CLIP text model and tokenizer to {args.out}")
+                        heads=args.heads, seed=args.seed, vision_image_size=args.vision_image_size)
+        print(f"wrote a tiny CLIP {'model' if args.vision_image_size else 'text model'} and tokenizer to {args.out}")
 
 
 if __name__ == "__main__":

@@ -37,13 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modules.cli import run_main  # noqa: E402
 from modules.errors import UserError  # noqa: E402
-from modules.image_datasets import build_dataset, images_to_model  # noqa: E402
+from modules.image_datasets import images_to_model  # noqa: E402
 from modules.ldm_io import SAMPLERS  # noqa: E402
-from modules.image_metrics import psnr, ssim  # noqa: E402
 from modules.shapes import COLOR_NAMES, SHAPE_NAMES, ShapeSpec, caption_accuracy, render_shape  # noqa: E402
 
-# Images are in [-1, 1]: PSNR/SSIM data range 2.
-IMAGE_RANGE = 2.0
 ACCURACY_KEYS = ("color", "shape", "background", "all")
 
 
@@ -91,34 +88,16 @@ def table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> s
 # VAE
 # ----------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def vae_quality(args: argparse.Namespace) -> Dict[str, float]:
-    """Mean PSNR / SSIM (/ LPIPS) of posterior-mode reconstructions over the dataset's images."""
-    from modules.vae_io import load_vae
+    """Mean PSNR / SSIM (/ LPIPS) of posterior-mode reconstructions: evaluate_ldm.py's --vae scores."""
+    from evaluate_ldm import parse_args as evaluate_args, vae_scores
 
-    vae, config, _ = load_vae(args.vae)
-    dataset = build_dataset(args.dataset, args.path_to_dataset, config.img_size, crop="center",
-                            shapes_num_images=args.num_images, shapes_seed=args.shapes_seed)
-    count = min(args.num_images, len(dataset))
-    perceptual = None
-    if args.lpips is not None:
-        from modules.lpips import load_lpips_export
-
-        perceptual = load_lpips_export(args.lpips)[0].eval().requires_grad_(False)
-    scores: Dict[str, List[torch.Tensor]] = {"psnr": [], "ssim": []} | ({"lpips": []} if perceptual else {})
-    started = time.perf_counter()
-    for start in range(0, count, args.batch_size):
-        pixels = torch.stack([dataset[i]["image"] for i in range(start, min(count, start + args.batch_size))])
-        images = images_to_model(pixels, "cpu")  # uint8 (B, 3, H, W) -> [-1, 1]
-        recon = vae.decode(vae.encode(images).mode()).float().clamp(-1.0, 1.0)  # (B, 3, H, W)
-        scores["psnr"].append(psnr(images, recon, IMAGE_RANGE))
-        scores["ssim"].append(ssim(images, recon, IMAGE_RANGE))
-        if perceptual is not None:
-            scores["lpips"].append(perceptual(images, recon).flatten())
-    result = {key: torch.cat(values).mean().item() for key, values in scores.items()}
-    result["images"] = count
-    result["seconds"] = time.perf_counter() - started
-    return result
+    argv = ["--vae", args.vae, "--reference_dataset", args.dataset, "--num_images", str(args.num_images),
+            "--shapes_seed", str(args.shapes_seed), "--batch_size", str(args.batch_size), "--device", "cpu",
+            "--metrics", "psnr,ssim" + (",lpips" if args.lpips else "")]
+    argv += ["--path_to_reference", args.path_to_dataset] if args.path_to_dataset else []
+    argv += ["--lpips", args.lpips] if args.lpips else []
+    return vae_scores(evaluate_args(argv))
 
 
 # ----------------------------------------------------------------------------------------

@@ -288,6 +288,7 @@ def build_tiny_clip(
     max_position_embeddings: int = 77,
     intermediate_size: Optional[int] = None,
     seed: int = 0,
+    vision_image_size: Optional[int] = None,
 ) -> Path:
     """Write a small, random-init CLIP text model with a real tokenizer into ``save_dir``.
 
@@ -302,6 +303,9 @@ def build_tiny_clip(
         hidden_size / layers / heads / intermediate_size (default 4 * hidden_size):
             the transformer's width, depth, heads and MLP width.
         max_position_embeddings: the token length L (77 as CLIP).
+        vision_image_size: also a vision tower of that input size (patches of size / 4, same width
+            and depth) and a ``CLIPImageProcessor``: a whole ``CLIPModel`` + ``CLIPProcessor`` folder,
+            as the CLIP score needs (``TextEncoder`` still reads its text tower).
     Returns:
         ``save_dir`` as a Path.
     """
@@ -331,7 +335,18 @@ def build_tiny_clip(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CLIPTextModel(config)
+        if vision_image_size is None:
+            model = CLIPTextModel(config)
+        else:
+            from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
+
+            vision = CLIPVisionConfig(hidden_size=hidden_size, intermediate_size=config.intermediate_size,
+                                      num_hidden_layers=layers, num_attention_heads=heads, projection_dim=hidden_size,
+                                      image_size=vision_image_size, patch_size=max(1, vision_image_size // 4))
+            model = CLIPModel(CLIPConfig(text_config=config.to_dict(), vision_config=vision.to_dict(),
+                                         projection_dim=hidden_size))
+            CLIPImageProcessor(size={"shortest_edge": vision_image_size},
+                               crop_size={"height": vision_image_size, "width": vision_image_size}).save_pretrained(save_dir)
 
     tokenizer.save_pretrained(save_dir)
     model.save_pretrained(save_dir)

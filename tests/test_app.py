@@ -22,18 +22,14 @@ from PIL import Image
 
 import app
 import inference_ldm
-from modules.autoencoder import VAEConfig, build_autoencoder
 from modules.errors import UserError
-from modules.ldm_io import load_ldm_export, save_ldm_export, text_encoder_export
-from modules.model_config import LDMConfig
-from modules.text_encoder import TextEncoder, build_tiny_clip
-from modules.unet import UNet, UNetConfig
+from modules.ldm_io import load_ldm_export
+from tiny_exports import IMG, tiny_clip, tiny_export
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-IMG = 16
 PROMPT = "a red circle on a blue background"
 STORED_GUIDANCE = 3.0  # what the export says stage 2 drew its sample grids with
 NO_NETWORK_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -41,28 +37,9 @@ NO_NETWORK_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "H
 
 
 def _export(path: Path, clip: Path, conditioning: str = "text") -> Path:
-    """A tiny export (text- or class-conditional); the UNet is perturbed off its zero init so prompts
-    and seeds matter."""
-    torch.manual_seed(0)
-    vae_cfg = VAEConfig(img_size=IMG, vae_channels_per_block=[8, 16], norm_num_groups=4, latent_channels=4,
-                        residual_layers_per_block=1, attention_layers=0)
-    unet_cfg = UNetConfig(unet_channels_per_block=[16, 32], down_block_types=["AttnDown", "Down"],
-                          up_block_types=["Up", "AttnUp"], mid_block_type="None", unet_residual_layers_per_block=1,
-                          groupnorm_groups=4, num_attention_heads=2, time_embed_start_dim=16, time_embed_proj_dim=32,
-                          transformer_dim_mult=2, text_conditioning=conditioning == "text", text_embed_dim=32,
-                          text_conditioning_hf_model=str(clip), class_conditioning=conditioning == "class",
-                          num_classes=3, class_embed_dim=16)
-    unet = UNet(unet_cfg)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=generator))
-    text = text_encoder_export(TextEncoder(clip), str(clip), embed=True) if conditioning == "text" else None
-    training_config = {"sampler": "ddim", "num_inference_steps": 3, "guidance_scale": STORED_GUIDANCE}
-    return save_ldm_export(path, unet.state_dict(), build_autoencoder(vae_cfg).state_dict(),
-                           LDMConfig(vae=vae_cfg, unet=unet_cfg), 0.7, 0.0, conditioning, "shapes", IMG, text_encoder=text,
-                           class_names=["cat", "dog", "fox"] if conditioning == "class" else None,
-                           metadata={"step": 0, "training_config": training_config})
+    """A tiny export that records the guidance its sample grids used."""
+    return tiny_export(path, conditioning, clip if conditioning == "text" else None,
+                       training_config={"sampler": "ddim", "num_inference_steps": 3, "guidance_scale": STORED_GUIDANCE})
 
 
 def _free_port() -> int:
@@ -77,8 +54,7 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
-    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", ["a red blue green circle square on background"],
-                           hidden_size=32, layers=1, heads=2, max_position_embeddings=16)
+    return tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
 
 
 @pytest.fixture(scope="module")

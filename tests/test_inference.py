@@ -1,9 +1,7 @@
 """inference_ldm.py and the stage-2 export: the tutorial's command, determinism, guidance,
 negative prompts, img2img, class labels, and clear errors.
 
-The exports are written with ``modules.ldm_io.save_ldm_export`` from tiny random networks whose
-weights are perturbed away from the UNet's zero initialisation (an untrained UNet predicts 0
-for every input, which would make every conditioning look the same).
+The exports are tests/tiny_exports.py's: tiny random networks, the UNet perturbed off its zero init.
 """
 from __future__ import annotations
 
@@ -18,45 +16,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import inference_ldm
-from modules.autoencoder import VAEConfig, build_autoencoder
 from modules.cli import run_main
 from modules.errors import UserError
 from modules.ldm_io import LatentDiffusion, load_ldm_export, save_ldm_export, text_encoder_export
-from modules.model_config import LDMConfig
-from modules.text_encoder import TextEncoder, build_tiny_clip
-from modules.unet import UNet, UNetConfig
+from modules.text_encoder import TextEncoder
+from tiny_exports import IMG, tiny_clip, tiny_export
 
 REPO = Path(__file__).resolve().parents[1]
-IMG = 16
 PROMPT = "a red circle on a blue background"
-
-
-def _perturbed(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return module
-
-
-def _export(path: Path, conditioning: str, clip: Path | None, **metadata) -> Path:
-    torch.manual_seed(0)
-    vae_cfg = VAEConfig(img_size=IMG, vae_channels_per_block=[8, 16], norm_num_groups=4, latent_channels=4,
-                        residual_layers_per_block=1, attention_layers=0)
-    unet_cfg = UNetConfig(unet_channels_per_block=[16, 32], down_block_types=["AttnDown", "Down"],
-                          up_block_types=["Up", "AttnUp"], mid_block_type="None", unet_residual_layers_per_block=1,
-                          groupnorm_groups=4, num_attention_heads=2, time_embed_start_dim=16, time_embed_proj_dim=32,
-                          transformer_dim_mult=2, text_conditioning=conditioning == "text", text_embed_dim=32,
-                          text_conditioning_hf_model=str(clip), class_conditioning=conditioning == "class",
-                          num_classes=3, class_embed_dim=16)
-    config = LDMConfig(vae=vae_cfg, unet=unet_cfg)
-    unet = _perturbed(UNet(unet_cfg), 1)
-    vae = build_autoencoder(vae_cfg)
-    text = text_encoder_export(TextEncoder(clip), str(clip), embed=True) if conditioning == "text" else None
-    return save_ldm_export(path, unet.state_dict(), vae.state_dict(), config, 0.7, 0.0, conditioning,
-                           "shapes" if conditioning == "text" else "imagenet", IMG, text_encoder=text,
-                           class_names=["cat", "dog", "fox"] if conditioning == "class" else None,
-                           metadata={"step": 0, **metadata})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,13 +38,12 @@ def one_thread():
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference")
-    clip = build_tiny_clip(root / "clip", ["a red blue green circle square on background"], hidden_size=32,
-                           layers=1, heads=2, max_position_embeddings=16)
+    clip = tiny_clip(root / "clip")
     init = root / "init.png"
     Image.new("RGB", (24, 20), (200, 60, 40)).save(init)
-    return {"root": root, "clip": clip, "init": init, "text": _export(root / "text.safetensors", "text", clip),
-            "class": _export(root / "class.safetensors", "class", None),
-            "text_g4": _export(root / "text_g4.safetensors", "text", clip, training_config={"guidance_scale": 4.0})}
+    return {"root": root, "clip": clip, "init": init, "text": tiny_export(root / "text.safetensors", "text", clip),
+            "class": tiny_export(root / "class.safetensors", "class", None),
+            "text_g4": tiny_export(root / "text_g4.safetensors", "text", clip, training_config={"guidance_scale": 4.0})}
 
 
 def generate(export: Path, out: Path, *extra: str) -> bytes:

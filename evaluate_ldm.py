@@ -1,0 +1,319 @@
+"""Scores of a trained model: FID / KID / CLIP score of its images, rFID / PSNR / SSIM / LPIPS of its VAE.
+
+Three things to score, each against ``--reference_dataset`` (+ ``--path_to_reference``: the same
+dataset names and folders as the trainers; images the model never trained on, e.g. a held-out split):
+
+- ``--ldm EXPORT`` (a stage-2 export): one image per reference image, conditioned on that image's
+  caption (text models; or each line of ``--prompts_file`` in turn) or class (class models), image i
+  with seed ``--seed`` + i as ``inference_ldm.py`` draws it. FID and KID against the reference
+  images, CLIP score against the prompts.
+- ``--images FOLDER``: PNGs already made (e.g. by ``inference_ldm.py``; their ``prompt`` PNG text is
+  the prompt of the CLIP score; ``*-grid.png`` files are skipped). Same scores.
+- ``--vae EXPORT`` (a stage-1 export or a diffusers AutoencoderKL folder): posterior-mode
+  reconstructions of the reference images. rFID and rKID (reconstructions vs originals), PSNR and
+  SSIM (:mod:`modules.image_metrics`, checked against scikit-image), and LPIPS with ``--lpips``
+  (a stage-0 export, or ``vgg``/``alex``/``squeeze`` for the ``lpips`` package's pretrained metric).
+
+FID/KID/CLIP score come from torchmetrics (:mod:`modules.scores` says why). With a network the
+standard weights download once (torch-fidelity's Inception, ``openai/clip-vit-large-patch14``);
+offline pass ``--inception_weights FILE`` / ``--clip_model FOLDER``; a missing file is a one-line
+error. ``python generate_data.py inception FILE`` writes random Inception weights for offline
+runs: their FIDs compare runs scored with the same file, not published numbers.
+
+    python evaluate_ldm.py --ldm work_dir/diffusion_cc/model.safetensors \\
+      --reference_dataset conceptual_captions --path_to_reference cc_val --num_images 5000 \\
+      --sampler dpmpp_2m --num_inference_steps 20
+    python evaluate_ldm.py --vae work_dir/vae/model.safetensors --reference_dataset celebahq \\
+      --path_to_reference data/celebahq --reference_split val --lpips vgg
+
+Prints a table; ``--json`` writes the numbers (and the settings that produced them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from modules.cli import positive_int, run_main, setup_logging
+from modules.errors import OneLineArgumentParser, UserError
+from modules.image_datasets import DATASET_NAMES, ToUint8Tensor, build_dataset, images_to_model
+from modules.image_metrics import psnr, ssim
+from modules.ldm_io import KARRAS_SAMPLERS, SAMPLERS
+from modules.paths import check_writable_file
+from modules.scores import DEFAULT_CLIP_MODEL, InceptionScores, load_clip_scorer
+
+logger = logging.getLogger("ldm")
+IMAGE_RANGE = 2.0  # [-1, 1]
+GENERATED_METRICS = ("fid", "kid", "clip")
+VAE_METRICS = ("rfid", "psnr", "ssim", "lpips")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--ldm", default=None, help="a stage-2 export: generate and score its images")
+    what.add_argument("--images", default=None, help="a folder of generated PNGs to score")
+    what.add_argument("--vae", default=None, help="a stage-1 export or diffusers AutoencoderKL folder: score its reconstructions")
+    ref = parser.add_argument_group("reference images")
+    ref.add_argument("--reference_dataset", required=True, choices=DATASET_NAMES)
+    ref.add_argument("--path_to_reference", default=None,
+                     help="its folder (shapes without one: rendered on the fly with --shapes_seed)")
+    ref.add_argument("--reference_split", default="train", help="subfolder / split of the reference data")
+    ref.add_argument("--num_images", type=positive_int, default=5000, help="at most this many reference images")
+    ref.add_argument("--shapes_seed", type=int, default=12345, help="seed of on-the-fly shapes (training uses 0)")
+    gen = parser.add_argument_group("generation (--ldm)")
+    gen.add_argument("--prompts_file", default=None, help="prompts in turn instead of the reference captions")
+    gen.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
+    gen.add_argument("--karras", action="store_true", help=f"Karras sigmas ({', '.join(KARRAS_SAMPLERS)})")
+    gen.add_argument("--num_inference_steps", type=positive_int, default=20)
+    gen.add_argument("--guidance_scale", type=float, default=None,
+                     help="default: the export's (the one stage 2's sample grids used)")
+    gen.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
+    scores = parser.add_argument_group("scores")
+    scores.add_argument("--metrics", default=None,
+                        help=f"comma-separated; default {','.join(GENERATED_METRICS)} (generated) or "
+                             f"{','.join(VAE_METRICS)} (--vae; lpips only with --lpips)")
+    scores.add_argument("--inception_weights", default=None,
+                        help="torch-fidelity Inception-v3 weights (default: the torch hub cache, downloaded once)")
+    scores.add_argument("--kid_subset_size", type=positive_int, default=1000)
+    scores.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help="hub name or local CLIPModel folder")
+    scores.add_argument("--hf_cache_dir", default=None)
+    scores.add_argument("--lpips", default=None, help="a stage-0 LPIPS export, or vgg | alex | squeeze (lpips package)")
+    parser.add_argument("--batch_size", type=positive_int, default=32)
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = parser.parse_args(argv)
+    allowed = VAE_METRICS if args.vae else GENERATED_METRICS
+    if args.metrics is None:
+        metrics = [m for m in allowed if m != "lpips" or args.lpips is not None]
+    else:
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        unknown = [m for m in metrics if m not in allowed]
+        if unknown or not metrics:
+            parser.error(f"--metrics {args.metrics!r}: expected a comma-separated subset of {', '.join(allowed)}"
+                         f"{' (with --vae)' if args.vae else ' (with --ldm / --images)'}")
+    if "lpips" in metrics and args.lpips is None:
+        parser.error("--metrics lpips needs --lpips (a stage-0 export, or vgg | alex | squeeze)")
+    if args.karras and args.sampler not in KARRAS_SAMPLERS:
+        parser.error(f"--karras works with the samplers {', '.join(KARRAS_SAMPLERS)}, not {args.sampler}")
+    args.metrics = metrics
+    return args
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------
+
+def reference_images(args: argparse.Namespace, img_size: int):
+    """The first ``--num_images`` reference samples ({"image": uint8 (3, S, S), "caption"/"label"?})
+    at ``img_size`` (resized by the short side, center-cropped)."""
+    dataset = build_dataset(args.reference_dataset, args.path_to_reference, img_size, crop="center",
+                            split=args.reference_split, shapes_num_images=args.num_images,
+                            shapes_seed=args.shapes_seed)
+    count = min(args.num_images, len(dataset))
+    if count < 2:
+        raise UserError(f"--reference_dataset {args.reference_dataset}: {count} image(s); the scores need at least 2")
+    return [dataset[i] for i in range(count)]
+
+
+def batches(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float (B, 3, H, W) -> uint8, rounded as the PNGs that inference_ldm.py writes."""
+    return (images.float() * 0.5 + 0.5).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu()
+
+
+def generated_from_folder(folder: str) -> tuple:
+    """(uint8 images (N, 3, H, W), prompts or None) of the PNGs in ``folder`` (sorted; grids skipped)."""
+    from modules.generation_record import read_png_settings
+    from PIL import Image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"--images {folder}: not a folder")
+    files = sorted(p for p in root.glob("*.png") if not p.stem.endswith("-grid"))
+    if len(files) < 2:
+        raise UserError(f"--images {folder}: {len(files)} PNG(s) (grids skipped); the scores need at least 2")
+    to_tensor = ToUint8Tensor()
+    images, prompts, sizes = [], [], set()
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                images.append(to_tensor(img.convert("RGB")))
+        except OSError as err:
+            raise UserError(f"--images {path}: not a readable PNG ({err})") from None
+        sizes.add(tuple(images[-1].shape))
+        prompts.append(read_png_settings(path).get("prompt"))
+    if len(sizes) > 1:
+        raise UserError(f"--images {folder}: images of different sizes {sorted(sizes)}")
+    return torch.stack(images), (prompts if all(p is not None for p in prompts) else None)
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# ----------------------------------------------------------------------------------------
+# Scores
+# ----------------------------------------------------------------------------------------
+
+def add_real(scores: InceptionScores, real: Sequence[dict], batch_size: int) -> InceptionScores:
+    for chunk in batches(real, batch_size):
+        scores.update(torch.stack([s["image"] for s in chunk]), real=True)
+    return scores
+
+
+@torch.no_grad()
+def generated_scores(args: argparse.Namespace) -> Dict[str, object]:
+    """FID / KID vs the reference images and CLIP score vs the prompts of --ldm or --images."""
+    device = _device(args)
+    result: Dict[str, object] = {}
+    if args.images is not None:
+        fake, prompts = generated_from_folder(args.images)
+    # The scorers before any sampling: a missing weight file fails before minutes of work.
+    scorer = load_clip_scorer(args.clip_model, args.hf_cache_dir, device) if "clip" in args.metrics else None
+    inception = None
+    if {"fid", "kid"} & set(args.metrics):
+        inception = InceptionScores(args.inception_weights, kid_subset_size=args.kid_subset_size, device=device)
+    if args.images is not None:
+        real = reference_images(args, fake.shape[-1]) if inception is not None else []
+    else:
+        from modules.generation_record import read_prompts
+        from modules.ldm_io import load_ldm_export
+        from inference_ldm import resolve_guidance
+
+        file_prompts = read_prompts(args.prompts_file, "--prompts_file") if args.prompts_file else None
+        model = load_ldm_export(args.ldm, text_encoder_cache_dir=args.hf_cache_dir).to(device)
+        if model.conditioning != "text" and file_prompts:
+            raise UserError(f"--ldm {args.ldm} is {model.conditioning}-conditional: it takes no --prompts_file")
+        real = reference_images(args, model.img_size)
+        if scorer is not None and model.conditioning != "text":
+            raise UserError(f"--ldm {args.ldm} is {model.conditioning}-conditional: no prompts, so no clip metric")
+        guidance = resolve_guidance(args.guidance_scale, model)
+        prompts = None
+        if model.conditioning == "text":
+            if file_prompts is None and "caption" not in real[0]:
+                raise UserError(f"--reference_dataset {args.reference_dataset} has no captions to prompt the text "
+                                "model with; pass --prompts_file")
+            prompts = ([file_prompts[i % len(file_prompts)] for i in range(len(real))] if file_prompts
+                       else [s["caption"] for s in real])
+        if model.conditioning == "class" and "label" not in real[0]:
+            raise UserError(f"--reference_dataset {args.reference_dataset} has no class labels for the class model")
+        started, out = time.perf_counter(), []
+        for start in range(0, len(real), args.batch_size):
+            idx = range(start, min(len(real), start + args.batch_size))
+            out.append(to_uint8(model.generate(
+                len(idx), prompts=[prompts[i] for i in idx] if prompts else None,
+                class_labels=[real[i]["label"] for i in idx] if model.conditioning == "class" else None,
+                guidance_scale=guidance, sampler=args.sampler, num_inference_steps=args.num_inference_steps,
+                karras_sigmas=args.karras, generator=[torch.Generator().manual_seed(args.seed + i) for i in idx])))
+        fake = torch.cat(out)
+        result["generation"] = {"sampler": args.sampler + (" karras" if args.karras else ""),
+                                "num_inference_steps": args.num_inference_steps, "guidance_scale": guidance,
+                                "seconds_per_image": (time.perf_counter() - started) / len(real)}
+    if inception is not None:
+        add_real(inception, real, args.batch_size)
+        for chunk in batches(fake, args.batch_size):
+            inception.update(chunk, real=False)
+        numbers = inception.compute()
+        result.update({k: v for k, v in numbers.items() if k.split("_")[0] in args.metrics or k.endswith("images")})
+        result["inception_weights"] = str(inception.weights)
+    if scorer is not None:
+        if prompts is None:
+            raise UserError(f"--images {args.images}: the PNGs carry no 'prompt' text, so no CLIP score "
+                            "(--metrics fid,kid)")
+        for start in range(0, len(fake), args.batch_size):
+            scorer.update(list(fake[start:start + args.batch_size].to(device)), prompts[start:start + args.batch_size])
+        result["clip_score"] = float(scorer.compute())
+        result["clip_model"] = args.clip_model
+    result["images"] = int(fake.shape[0])
+    return result
+
+
+def _lpips_metric(spec: str) -> torch.nn.Module:
+    from modules.lpips import BACKBONES, LPIPS, load_lpips_export
+
+    if spec in BACKBONES:  # the lpips package's metric: torchvision's pretrained trunk + the package's heads
+        metric = LPIPS(spec, pretrained_backbone=True, use_dropout=False)
+        metric.load_lpips_package_linear_weights()
+        return metric
+    if not Path(spec).is_file():
+        raise UserError(f"--lpips {spec}: neither a stage-0 export file nor one of {', '.join(sorted(BACKBONES))}")
+    return load_lpips_export(Path(spec))[0]
+
+
+@torch.no_grad()
+def vae_scores(args: argparse.Namespace) -> Dict[str, object]:
+    """rFID / rKID, PSNR, SSIM (and LPIPS) of --vae's posterior-mode reconstructions of the reference."""
+    from modules.vae_io import load_vae
+
+    device = _device(args)
+    vae, config, _ = load_vae(args.vae)
+    vae.to(device).eval()
+    real = reference_images(args, config.img_size)
+    perceptual = _lpips_metric(args.lpips).to(device).eval() if "lpips" in args.metrics else None
+    inception = None
+    if "rfid" in args.metrics:
+        inception = add_real(InceptionScores(args.inception_weights, kid_subset_size=args.kid_subset_size,
+                                             device=device), real, args.batch_size)
+    per_image: Dict[str, List[torch.Tensor]] = {m: [] for m in ("psnr", "ssim", "lpips") if m in args.metrics}
+    started = time.perf_counter()
+    for chunk in batches(real, args.batch_size):
+        images = images_to_model(torch.stack([s["image"] for s in chunk]), device)  # [-1, 1]
+        recon = vae.decode(vae.encode(images).mode()).float().clamp(-1.0, 1.0)
+        if "psnr" in per_image:
+            per_image["psnr"].append(psnr(images, recon, IMAGE_RANGE).cpu())
+        if "ssim" in per_image:
+            per_image["ssim"].append(ssim(images, recon, IMAGE_RANGE).cpu())
+        if perceptual is not None:
+            per_image["lpips"].append(perceptual(images, recon).flatten().cpu())
+        if inception is not None:
+            inception.update(to_uint8(recon), real=False)
+    result: Dict[str, object] = {k: torch.cat(v).mean().item() for k, v in per_image.items()}
+    if inception is not None:
+        numbers = inception.compute()
+        result.update({"rfid": numbers["fid"], "rkid": numbers["kid"], "rkid_std": numbers["kid_std"],
+                       "inception_weights": str(inception.weights)})
+    result["images"] = len(real)
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def format_table(result: Dict[str, object]) -> str:
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.items() if not isinstance(v, dict)]
+    for key, value in result.items():
+        if isinstance(value, dict):
+            rows += [(f"{key}.{k}", f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in value.items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    args = parse_args(argv)
+    setup_logging(True)
+    if args.json:
+        check_writable_file(args.json, "--json")
+    for flag in ("ldm", "vae"):
+        if getattr(args, flag) is not None and not Path(getattr(args, flag)).exists():
+            raise UserError(f"--{flag} {getattr(args, flag)}: file not found")
+    result = vae_scores(args) if args.vae else generated_scores(args)
+    source = args.vae or args.ldm or args.images
+    result = {"scored": source, "reference": f"{args.reference_dataset}:{args.path_to_reference or 'on the fly'}",
+              **result}
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)
