@@ -29,8 +29,9 @@ $(CHROMIUM):
 test: $(STAMP) $(CHROMIUM)
 	$(OFFLINE) $(PY) -m pytest -q tests
 
+# Re-running reuses the stages that finished with the same inputs and config; FORCE=1 starts over.
 demo: $(STAMP)
-	$(OFFLINE) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(DEMO_DIR)
+	$(OFFLINE) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/demo.py $(DEMO_DIR) $(if $(FORCE),--force)
 
 bench: $(STAMP)
 	$(OFFLINE) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/bench.sh $(BENCH_ARGS)

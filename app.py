@@ -27,12 +27,12 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from inference_ldm import DTYPES, to_pil  # the same dtypes, the same rounding to 8 bits
+from inference_ldm import to_pil  # the same rounding to 8 bits
 from modules import ldm_io
 from modules.cli import one_line, positive_int, run_main, setup_logging
 from modules.errors import OneLineArgumentParser, UserError
 from modules.export import check_export_kind, read_export_metadata
-from modules.ldm_io import LDM_EXPORT_KIND, LatentDiffusion, load_ldm_export
+from modules.ldm_io import DTYPES, LDM_EXPORT_KIND, LatentDiffusion, inference_device, load_ldm_export
 
 logger = logging.getLogger("ldm")
 SAMPLERS: Tuple[str, ...] = tuple(ldm_io.SAMPLERS)  # whatever build_sampler accepts
@@ -93,16 +93,6 @@ def page_defaults(metadata: Mapping[str, Any]) -> Defaults:
 # ----------------------------------------------------------------------------------------
 # The model, loaded once
 # ----------------------------------------------------------------------------------------
-
-def resolve_device_dtype(device: Optional[str], dtype: str) -> Tuple[torch.device, torch.dtype]:
-    """``--device`` / ``--dtype`` as inference_ldm.py reads them."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype != "auto":
-        return dev, DTYPES[dtype]
-    if dev.type == "cpu":
-        return dev, torch.float32
-    return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
 
 def load_text_model(path: str, device: torch.device, dtype: torch.dtype,
                     cache_dir: Optional[str] = None) -> LatentDiffusion:
@@ -207,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
 
     start = time.perf_counter()
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    device, dtype = inference_device(args.device, args.dtype)
     model = load_text_model(args.path_to_weights, device, dtype, args.hf_cache_dir)
     logger.info("loaded %s (%dx%d, %s, %s) in %.1f s", args.path_to_weights, model.img_size, model.img_size,
                 device, str(dtype).removeprefix("torch."), time.perf_counter() - start)

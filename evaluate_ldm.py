@@ -43,7 +43,7 @@ from modules.cli import positive_int, run_main, setup_logging
 from modules.errors import OneLineArgumentParser, UserError
 from modules.image_datasets import DATASET_NAMES, ToUint8Tensor, build_dataset, images_to_model
 from modules.image_metrics import psnr, ssim
-from modules.ldm_io import KARRAS_SAMPLERS, SAMPLERS
+from modules.ldm_io import KARRAS_SAMPLERS, SAMPLERS, inference_device
 from modules.paths import check_writable_file
 from modules.scores import DEFAULT_CLIP_MODEL, InceptionScores, load_clip_scorer
 
@@ -158,7 +158,7 @@ def generated_from_folder(folder: str) -> tuple:
 
 
 def _device(args: argparse.Namespace) -> torch.device:
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return inference_device(args.device)[0]
 
 
 # ----------------------------------------------------------------------------------------

@@ -45,14 +45,14 @@ from modules.errors import OneLineArgumentParser, UserError
 from modules.image_datasets import DATASET_NAMES, build_image_transform, images_to_model
 from modules.export import check_export_kind, read_export_metadata
 from modules.generation_record import file_sha256, read_prompts, save_png
-from modules.ldm_io import KARRAS_SAMPLERS, LDM_EXPORT_KIND, SAMPLERS, LatentDiffusion, build_sampler, load_ldm_export
+from modules.ldm_io import (DTYPES, KARRAS_SAMPLERS, LDM_EXPORT_KIND, SAMPLERS, LatentDiffusion, build_sampler,
+                            inference_device, load_ldm_export)
 from modules.model_config import LDMConfig, load_ldm_config
 from modules.paths import check_writable_file, check_writable_folder
 from modules.cli import positive_int, setup_logging
 
 logger = logging.getLogger("ldm")
 REPO_ROOT = Path(__file__).resolve().parent
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -251,6 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     if args.prompts_file is not None:
         read_prompts(args.prompts_file, "--prompts_file")  # before the slow model load
     check_output(args.output)
+    device, dtype = inference_device(args.device, args.dtype)
 
     # -- model --------------------------------------------------------------------------
     given_config = None
@@ -276,12 +277,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
         logger.warning("--training_dataset %s, but the export was trained on %s; using the export's latent scale %.6g",
                        args.training_dataset, trained_on, model.scaling_factor)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.dtype == "auto":
-        dtype = torch.float32 if device.type == "cpu" else (
-            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    else:
-        dtype = DTYPES[args.dtype]
     model.to(device, dtype)
 
     # -- conditions and settings ----------------------------------------------------------

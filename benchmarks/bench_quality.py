@@ -10,10 +10,13 @@ Two tables, each part optional (give --vae, --ldm or both):
   ``--num_images``, resized by the short side and center-cropped to the VAE's ``img_size``) is
   encoded, its posterior mode decoded, and PSNR and SSIM (modules/image_metrics.py, data range
   2 on [-1, 1]) are averaged over the images; with ``--lpips`` (a stage-0 export) LPIPS too.
-  Give it images the VAE never saw (``scripts/demo.sh`` writes a test split with another seed).
+  Give it images the VAE never saw (``scripts/demo.py`` renders shapes with another seed). Also
+  the mean and std of the scaled latents (the export's factor for ``--dataset``, else its only one)
+  of those images: stage 2 expects std 1.
 - **LDM** (a text-conditional stage-2 export trained on shapes): ``--num_samples`` prompts drawn
   with ``--seed`` from all shapes captions (shape color != background) are sampled (DDIM,
-  ``--num_inference_steps``, classifier-free guidance ``--guidance_scale``), and
+  ``--num_inference_steps``, classifier-free guidance ``--guidance_scale``, by default the one
+  ``inference_ldm.py`` picks for the export; image i from its own generator, seed + i), and
   ``modules.shapes.caption_accuracy`` reads color, shape and background back from the pixels.
   Beside it: chance (a random caption: 1/8 color, 1/3 shape, 1/8 background, 1/168 all) and the
   same reader on the prompts' own images passed through the export's VAE (what a perfect
@@ -59,7 +62,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ldm = parser.add_argument_group("LDM prompt following")
     ldm.add_argument("--ldm", default=None, help="a text-conditional stage-2 export trained on shapes")
     ldm.add_argument("--num_samples", type=int, default=64, help="prompts (one image each)")
-    ldm.add_argument("--guidance_scale", type=float, default=4.0)
+    ldm.add_argument("--guidance_scale", type=float, default=None,
+                     help="default: inference_ldm.py's for the export (the guidance stage 2's grids used)")
     ldm.add_argument("--num_inference_steps", type=int, default=50)
     ldm.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     ldm.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m, euler, euler_a, lms)")
@@ -97,7 +101,30 @@ def vae_quality(args: argparse.Namespace) -> Dict[str, float]:
             "--metrics", "psnr,ssim" + (",lpips" if args.lpips else "")]
     argv += ["--path_to_reference", args.path_to_dataset] if args.path_to_dataset else []
     argv += ["--lpips", args.lpips] if args.lpips else []
-    return vae_scores(evaluate_args(argv))
+    scores = vae_scores(evaluate_args(argv))
+    return scores | scaled_latent_moments(args)
+
+
+@torch.no_grad()
+def scaled_latent_moments(args: argparse.Namespace) -> Dict[str, float]:
+    """Mean and std of the scaled posterior means of the images (compute_vae_scaling.py's statistic)."""
+    from modules.image_datasets import build_dataset
+    from modules.vae_io import load_vae, scaling_factors_from_metadata
+
+    vae, config, metadata = load_vae(args.vae)
+    factors = scaling_factors_from_metadata(metadata, args.vae) if metadata.get("kind") != "diffusers" else {}
+    factor = factors.get(args.dataset, next(iter(factors.values()), None) if len(factors) == 1 else None)
+    if factor is None:
+        return {}
+    dataset = build_dataset(args.dataset, args.path_to_dataset, config.img_size, crop="center",
+                            shapes_num_images=args.num_images, shapes_seed=args.shapes_seed)
+    count = min(args.num_images, len(dataset))
+    means = []
+    for start in range(0, count, args.batch_size):
+        pixels = torch.stack([dataset[i]["image"] for i in range(start, min(count, start + args.batch_size))])
+        means.append(vae.encode(images_to_model(pixels, "cpu")).mean.float())
+    scaled = torch.cat(means) * factor
+    return {"scaling_factor": float(factor), "scaled_mean": scaled.mean().item(), "scaled_std": scaled.std().item()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -130,19 +157,22 @@ def ldm_quality(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     """Caption accuracy of generated samples, of the prompts' images through the VAE, and of chance."""
     from modules.ldm_io import load_ldm_export
 
+    from inference_ldm import resolve_guidance
+
     model = load_ldm_export(args.ldm)
     if model.conditioning != "text":
         raise UserError(f"{args.ldm} is {model.conditioning}-conditional; the prompt benchmark needs a text model")
+    args.guidance_scale = resolve_guidance(args.guidance_scale, model)
     specs = draw_prompts(args.num_samples, args.seed)
     prompts = [spec.caption for spec in specs]
-    generator = torch.Generator().manual_seed(args.seed)
     started = time.perf_counter()
     samples = []
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
+        generators = [torch.Generator().manual_seed(args.seed + i) for i in range(start, start + len(batch))]
         samples.append(model.generate(len(batch), prompts=batch, guidance_scale=args.guidance_scale,
                                       sampler=args.sampler, num_inference_steps=args.num_inference_steps,
-                                      karras_sigmas=args.karras, generator=generator))
+                                      karras_sigmas=args.karras, generator=generators))
     images = torch.cat(samples)  # (N, 3, S, S) in [-1, 1]
     seconds = time.perf_counter() - started
     if args.save_grid:
@@ -158,7 +188,9 @@ def ldm_quality(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     real = images_to_model(torch.stack([to_tensor(render_shape(spec, model.img_size)) for spec in specs]), "cpu")
     decoded = model.decode_latents(model.encode_images(real))
     return {
-        "samples": caption_accuracy(list(images), prompts) | {"seconds": seconds},
+        "samples": caption_accuracy(list(images), prompts) | {"seconds": seconds, "count": len(prompts)},
+        "settings": {"sampler": args.sampler + (" karras" if args.karras else ""),
+                     "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale},
         "vae_ceiling": caption_accuracy(list(decoded), prompts),
         "chance": chance_accuracy(),
     }

@@ -109,6 +109,33 @@ def build_sampler(diffusion, sampler: str, eta: float = 0.0, timestep_spacing: O
 # The model bundle
 # ----------------------------------------------------------------------------------------
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def inference_device(device: Optional[str], dtype: str = "auto") -> Tuple[torch.device, torch.dtype]:
+    """``--device`` / ``--dtype`` of the tools that sample (inference_ldm.py, app.py, evaluate_ldm.py).
+
+    ``device`` None is cuda when there is one, else cpu; ``dtype`` "auto" is float32 on a CPU and
+    bf16 (fp16 where the GPU lacks it) on a GPU. A device that is not there is a UserError."""
+    try:
+        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: this machine has no CUDA GPU that PyTorch can use; "
+                            "use --device cpu (or leave --device out)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if dtype != "auto":
+        return dev, DTYPES[dtype]
+    if dev.type == "cpu":
+        return dev, torch.float32
+    return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 @dataclasses.dataclass
 class LatentDiffusion:
     """UNet + autoencoder (+ text encoder) + latent scale + schedule: what generation needs.

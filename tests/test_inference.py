@@ -173,6 +173,11 @@ def test_bad_inputs_are_one_line_errors(exports, tmp_path, capsys):
         ["--path_to_weights", text, "--prompt", "x", "--sampler", "heun"], capsys)
     assert "--karras works with the samplers dpmpp_2m, euler, euler_a, lms, not ddim" in one_line_error(
         ["--path_to_weights", text, "--prompt", "x", "--karras"], capsys)
+    if not torch.cuda.is_available():  # on a machine without a GPU (CI's): a device that is not there
+        assert "--device cuda: this machine has no CUDA GPU" in one_line_error(
+            ["--path_to_weights", text, "--prompt", "x", "--device", "cuda"], capsys)
+    assert "--device 'tpu': expected cpu, cuda or cuda:N" in one_line_error(
+        ["--path_to_weights", text, "--prompt", "x", "--device", "tpu"], capsys)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# nothing but a comment\n\n")
     assert f"--prompts_file {prompts}: no prompts in it" in one_line_error(
