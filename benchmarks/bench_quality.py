@@ -107,7 +107,9 @@ def vae_quality(args: argparse.Namespace) -> Dict[str, float]:
 
 @torch.no_grad()
 def scaled_latent_moments(args: argparse.Namespace) -> Dict[str, float]:
-    """Mean and std of the scaled posterior means of the images (compute_vae_scaling.py's statistic)."""
+    """Mean and std of the images' scaled latents, as compute_vae_scaling.py measures them (posterior
+    samples of a KL-VAE: what stage 2 trains on) but on held-out images."""
+    from compute_vae_scaling import encode_latents
     from modules.image_datasets import build_dataset
     from modules.vae_io import load_vae, scaling_factors_from_metadata
 
@@ -119,11 +121,12 @@ def scaled_latent_moments(args: argparse.Namespace) -> Dict[str, float]:
     dataset = build_dataset(args.dataset, args.path_to_dataset, config.img_size, crop="center",
                             shapes_num_images=args.num_images, shapes_seed=args.shapes_seed)
     count = min(args.num_images, len(dataset))
-    means = []
+    latents = []
     for start in range(0, count, args.batch_size):
-        pixels = torch.stack([dataset[i]["image"] for i in range(start, min(count, start + args.batch_size))])
-        means.append(vae.encode(images_to_model(pixels, "cpu")).mean.float())
-    scaled = torch.cat(means) * factor
+        indices = torch.arange(start, min(count, start + args.batch_size))
+        pixels = torch.stack([dataset[int(i)]["image"] for i in indices])
+        latents.append(encode_latents(vae, images_to_model(pixels, "cpu"), indices, args.seed))
+    scaled = torch.cat(latents) * factor
     return {"scaling_factor": float(factor), "scaled_mean": scaled.mean().item(), "scaled_std": scaled.std().item()}
 
 

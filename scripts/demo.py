@@ -206,7 +206,7 @@ def run_stage(stage: Stage, out: Path, env: Dict[str, str], resume: bool) -> Non
             try:
                 for line in proc.stdout:
                     log.write(line)
-                    if "\r" not in line and "it/s]" not in line:  # progress bars go to the log only
+                    if "%|" not in line:  # progress bars (tqdm's "45%|####  | 83/180 [...]") go to the log only
                         sys.stdout.write(line)
             except KeyboardInterrupt:  # the stage got the Ctrl-C too: let a trainer write its checkpoint
                 proc.wait()

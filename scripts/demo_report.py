@@ -97,7 +97,8 @@ def build_blocks(out: Path, stages, state: Dict[str, dict], this_run: Dict[str, 
         b.append(("table", ["score", "value"], rows))
         if fid or rfid:
             b.append(("p", "FID/KID/rFID use random Inception weights (`generate_data.py inception`, offline): "
-                           "they compare this demo's numbers with each other, not with published FIDs."))
+                           "they compare this demo's numbers with each other, not with published FIDs. KID is an "
+                           "unbiased estimate and can be negative; with random features its scale is arbitrary."))
 
     # -- stage 0 -------------------------------------------------------------------------
     b.append(("h", 2, "Stage 0: our LPIPS vs L2 (2AFC agreement with the judges; JND mAP)"))

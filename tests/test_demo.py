@@ -52,7 +52,7 @@ def test_every_stage_writes_its_files_and_the_report_has_its_pieces(demo_run):
 
     quality = json.loads((out / "quality.json").read_text())
     assert 0 <= quality["ldm"]["samples"]["all"] <= 1 and quality["ldm"]["samples"]["count"] == 8
-    assert quality["ldm"]["settings"]["guidance_scale"] == 3.0  # the export's: inference_ldm.py's default
+    assert quality["ldm"]["settings"]["guidance_scale"] == 4.0  # the export's: inference_ldm.py's default
     assert quality["vae"]["psnr"] > 0 and quality["vae"]["scaled_std"] > 0
     fid, rfid = json.loads((out / "fid.json").read_text()), json.loads((out / "rfid.json").read_text())
     assert fid["fid"] > 0 and fid["images"] == 8 and rfid["rfid"] > 0
