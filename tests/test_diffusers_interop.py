@@ -28,7 +28,8 @@ from modules.ldm_io import load_ldm_export, save_ldm_export, text_encoder_export
 from modules.model_config import DiffusionConfig, LDMConfig
 from modules.text_encoder import TextEncoder, build_tiny_clip
 from modules.unet import UNet, UNetConfig
-from test_inference import IMG, _export, _perturbed, one_thread  # noqa: F401  (one_thread: a fixture)
+from test_inference import one_thread  # noqa: F401  (one_thread: a fixture)
+from tiny_exports import IMG, perturbed as _perturbed, tiny_export as _export
 from test_stage2 import assets, inprocess_argv  # noqa: F401  (assets: a fixture)
 
 # Seven words + start and end tokens fill the tiny CLIP's 9 positions: no padding (see test below).
