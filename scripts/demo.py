@@ -154,7 +154,18 @@ def build_stages(out: Path, profile: str) -> List[Stage]:
 # ----------------------------------------------------------------------------------------
 
 def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    """SHA-256 of a file; of a YAML file's parsed contents, so that a comment or layout change re-runs nothing."""
+    if not path.is_file():
+        return "missing"
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return hashlib.sha256(json.dumps(yaml.safe_load(path.read_text()), sort_keys=True,
+                                             default=str).encode()).hexdigest()
+        except yaml.YAMLError:
+            pass  # the trainer reading it will say what is wrong
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def fingerprint(stage: Stage, state: Dict[str, dict], profile: str) -> str:

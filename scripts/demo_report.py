@@ -116,7 +116,7 @@ def build_blocks(out: Path, stages, state: Dict[str, dict], this_run: Dict[str, 
     if val:
         b.append(("p", "Held-out reconstruction at the end of training: " + ", ".join(
             f"{k} {_f(v, 4)}" for k, v in val.items() if k != "step")))
-    b.append(("img", _latest_png(out / "vae_gens"), "reconstructions (top: originals, bottom: decoded) at the last step"))
+    b.append(("img", _latest_png(out / "vae_gens"), "held-out images, each directly left of its reconstruction, at the last step"))
     b.append(("img", out / "vae/VAETrainer/loss_curve.png", "stage 1 losses"))
 
     # -- stage 2 -------------------------------------------------------------------------

@@ -91,10 +91,12 @@ def test_an_upstream_rerun_or_a_changed_config_changes_the_fingerprints_downstre
     assert changed == {"scale"}  # ... and through scale's new finish time, diffusion, then samples, quality, fid
     assert demo.fingerprint(stages["vae"], state, "full") != demo.fingerprint(stages["vae"], state, "tiny")
 
-    # A config's contents are in the fingerprint of the stages that read it.
+    # A config's contents are in the fingerprint of the stages that read it; its comments are not.
     config = tmp_path / "config.yaml"
     config.write_text("a: 1\n")
     stage = demo.Stage("x", "x", [["true"]], ["out"], configs=[str(config)])
     first = demo.fingerprint(stage, {}, "tiny")
+    config.write_text("# a comment\na:   1   # another\n")
+    assert demo.fingerprint(stage, {}, "tiny") == first
     config.write_text("a: 2\n")
     assert demo.fingerprint(stage, {}, "tiny") != first
