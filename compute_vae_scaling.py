@@ -144,7 +144,11 @@ def encode_latents(model: torch.nn.Module, images: torch.Tensor, indices: torch.
     """
     if isinstance(model, VQModel):
         return model.encode(images).float()
-    posterior = model.encode(images)
+    return latent_sample(model.encode(images), indices, seed)
+
+
+def latent_sample(posterior, indices: torch.Tensor, seed: int) -> torch.Tensor:
+    """mean + std * eps of a KL posterior, eps from :func:`noise_for` (image i's draw depends on (seed, i) only)."""
     eps = noise_for(indices, posterior.mean.shape[1:], seed).to(posterior.mean.device, posterior.mean.dtype)
     return (posterior.mean + posterior.std * eps).float()
 

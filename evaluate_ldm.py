@@ -41,7 +41,7 @@ import torch
 
 from modules.cli import positive_int, run_main, setup_logging
 from modules.errors import OneLineArgumentParser, UserError
-from modules.image_datasets import DATASET_NAMES, ToUint8Tensor, build_dataset, images_to_model
+from modules.image_datasets import DATASET_NAMES, ToUint8Tensor, build_dataset, images_to_model, model_to_images
 from modules.image_metrics import psnr, ssim
 from modules.ldm_io import KARRAS_SAMPLERS, SAMPLERS, inference_device
 from modules.paths import check_writable_file
@@ -126,11 +126,6 @@ def batches(items: Sequence, size: int):
         yield items[start:start + size]
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float (B, 3, H, W) -> uint8, rounded as the PNGs that inference_ldm.py writes."""
-    return (images.float() * 0.5 + 0.5).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu()
-
-
 def generated_from_folder(folder: str) -> tuple:
     """(uint8 images (N, 3, H, W), prompts or None) of the PNGs in ``folder`` (sorted; grids skipped)."""
     from modules.generation_record import read_png_settings
@@ -210,7 +205,7 @@ def generated_scores(args: argparse.Namespace) -> Dict[str, object]:
         started, out = time.perf_counter(), []
         for start in range(0, len(real), args.batch_size):
             idx = range(start, min(len(real), start + args.batch_size))
-            out.append(to_uint8(model.generate(
+            out.append(model_to_images(model.generate(
                 len(idx), prompts=[prompts[i] for i in idx] if prompts else None,
                 class_labels=[real[i]["label"] for i in idx] if model.conditioning == "class" else None,
                 guidance_scale=guidance, sampler=args.sampler, num_inference_steps=args.num_inference_steps,
@@ -252,12 +247,16 @@ def _lpips_metric(spec: str) -> torch.nn.Module:
 
 @torch.no_grad()
 def vae_scores(args: argparse.Namespace) -> Dict[str, object]:
-    """rFID / rKID, PSNR, SSIM (and LPIPS) of --vae's posterior-mode reconstructions of the reference."""
+    """rFID / rKID, PSNR, SSIM (and LPIPS) of --vae's posterior-mode reconstructions of the reference, and
+    the mean / std of the reference's scaled latents (posterior samples, as compute_vae_scaling.py
+    measures them; stage 2 expects std 1) when the export holds a latent scale."""
+    from compute_vae_scaling import latent_sample
     from modules.vae_io import load_vae
 
     device = _device(args)
-    vae, config, _ = load_vae(args.vae)
+    vae, config, metadata = load_vae(args.vae)
     vae.to(device).eval()
+    factor = _scaling_factor(metadata, args)
     real = reference_images(args, config.img_size)
     perceptual = _lpips_metric(args.lpips).to(device).eval() if "lpips" in args.metrics else None
     inception = None
@@ -266,9 +265,14 @@ def vae_scores(args: argparse.Namespace) -> Dict[str, object]:
                                              device=device), real, args.batch_size)
     per_image: Dict[str, List[torch.Tensor]] = {m: [] for m in ("psnr", "ssim", "lpips") if m in args.metrics}
     started = time.perf_counter()
-    for chunk in batches(real, args.batch_size):
+    latents: List[torch.Tensor] = []
+    for start in range(0, len(real), args.batch_size):
+        chunk = real[start:start + args.batch_size]
         images = images_to_model(torch.stack([s["image"] for s in chunk]), device)  # [-1, 1]
-        recon = vae.decode(vae.encode(images).mode()).float().clamp(-1.0, 1.0)
+        posterior = vae.encode(images)
+        recon = vae.decode(posterior.mode()).float().clamp(-1.0, 1.0)
+        if factor is not None:  # what stage 2 trains on, drawn as compute_vae_scaling.py draws it
+            latents.append(latent_sample(posterior, torch.arange(start, start + len(chunk)), args.seed).cpu())
         if "psnr" in per_image:
             per_image["psnr"].append(psnr(images, recon, IMAGE_RANGE).cpu())
         if "ssim" in per_image:
@@ -276,15 +280,29 @@ def vae_scores(args: argparse.Namespace) -> Dict[str, object]:
         if perceptual is not None:
             per_image["lpips"].append(perceptual(images, recon).flatten().cpu())
         if inception is not None:
-            inception.update(to_uint8(recon), real=False)
+            inception.update(model_to_images(recon), real=False)
     result: Dict[str, object] = {k: torch.cat(v).mean().item() for k, v in per_image.items()}
     if inception is not None:
         numbers = inception.compute()
         result.update({"rfid": numbers["fid"], "rkid": numbers["kid"], "rkid_std": numbers["kid_std"],
                        "inception_weights": str(inception.weights)})
+    if factor is not None:
+        scaled = torch.cat(latents) * factor
+        result.update({"scaling_factor": factor, "scaled_mean": scaled.mean().item(), "scaled_std": scaled.std().item()})
     result["images"] = len(real)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def _scaling_factor(metadata: Dict[str, object], args: argparse.Namespace) -> Optional[float]:
+    """The export's latent scale for --reference_dataset, else its only one (None: none computed)."""
+    from modules.vae_io import scaling_factors_from_metadata
+
+    if metadata.get("kind") == "diffusers":
+        return None
+    factors = scaling_factors_from_metadata(metadata, args.vae)
+    factor = factors.get(args.reference_dataset, next(iter(factors.values())) if len(factors) == 1 else None)
+    return None if factor is None else float(factor)
 
 
 def format_table(result: Dict[str, object]) -> str:

@@ -42,7 +42,7 @@ import torch
 from modules.cli import run_main
 from modules.config import to_dict
 from modules.errors import OneLineArgumentParser, UserError
-from modules.image_datasets import DATASET_NAMES, build_image_transform, images_to_model
+from modules.image_datasets import DATASET_NAMES, build_image_transform, images_to_model, model_to_images
 from modules.export import check_export_kind, read_export_metadata
 from modules.generation_record import file_sha256, read_prompts, save_png
 from modules.ldm_io import (DTYPES, KARRAS_SAMPLERS, LDM_EXPORT_KIND, SAMPLERS, LatentDiffusion, build_sampler,
@@ -236,8 +236,7 @@ def to_pil(image: torch.Tensor):
     """(3, H, W) in [-1, 1] -> an RGB PIL image, rounded as torchvision's save_image rounds."""
     from PIL import Image
 
-    pixels = (image.float() * 0.5 + 0.5).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
-    return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+    return Image.fromarray(model_to_images(image).permute(1, 2, 0).numpy())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Path]:

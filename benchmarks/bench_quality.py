@@ -101,33 +101,8 @@ def vae_quality(args: argparse.Namespace) -> Dict[str, float]:
             "--metrics", "psnr,ssim" + (",lpips" if args.lpips else "")]
     argv += ["--path_to_reference", args.path_to_dataset] if args.path_to_dataset else []
     argv += ["--lpips", args.lpips] if args.lpips else []
-    scores = vae_scores(evaluate_args(argv))
-    return scores | scaled_latent_moments(args)
-
-
-@torch.no_grad()
-def scaled_latent_moments(args: argparse.Namespace) -> Dict[str, float]:
-    """Mean and std of the images' scaled latents, as compute_vae_scaling.py measures them (posterior
-    samples of a KL-VAE: what stage 2 trains on) but on held-out images."""
-    from compute_vae_scaling import encode_latents
-    from modules.image_datasets import build_dataset
-    from modules.vae_io import load_vae, scaling_factors_from_metadata
-
-    vae, config, metadata = load_vae(args.vae)
-    factors = scaling_factors_from_metadata(metadata, args.vae) if metadata.get("kind") != "diffusers" else {}
-    factor = factors.get(args.dataset, next(iter(factors.values()), None) if len(factors) == 1 else None)
-    if factor is None:
-        return {}
-    dataset = build_dataset(args.dataset, args.path_to_dataset, config.img_size, crop="center",
-                            shapes_num_images=args.num_images, shapes_seed=args.shapes_seed)
-    count = min(args.num_images, len(dataset))
-    latents = []
-    for start in range(0, count, args.batch_size):
-        indices = torch.arange(start, min(count, start + args.batch_size))
-        pixels = torch.stack([dataset[int(i)]["image"] for i in indices])
-        latents.append(encode_latents(vae, images_to_model(pixels, "cpu"), indices, args.seed))
-    scaled = torch.cat(latents) * factor
-    return {"scaling_factor": float(factor), "scaled_mean": scaled.mean().item(), "scaled_std": scaled.std().item()}
+    argv += ["--seed", str(args.seed)]
+    return vae_scores(evaluate_args(argv))
 
 
 # ----------------------------------------------------------------------------------------

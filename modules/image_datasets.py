@@ -106,6 +106,13 @@ def images_to_model(images: torch.Tensor, device: Union[str, torch.device],
     return x if dtype == torch.float32 else x.to(dtype)
 
 
+def model_to_images(images: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`images_to_model`: images in [-1, 1] (any shape) -> uint8 on the CPU,
+    rounded as torchvision's ``save_image`` rounds (``x * 255 + 0.5``, clamped), so a PNG written
+    from them and read back gives the same bytes."""
+    return (images.float() * 0.5 + 0.5).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu()
+
+
 class RandomSquareResizedCrop(torch.nn.Module):
     """A random square crop resized to ``size`` x ``size``: never squashes, whatever the aspect.
 
