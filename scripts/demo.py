@@ -143,7 +143,7 @@ def build_stages(out: Path, profile: str) -> List[Stage]:
                   str(HELD_OUT_SEED), "--num_images", str(p["fid"]), "--metrics", "fid,kid", "--inception_weights",
                   f"{o}/inception_random.pth", "--json", f"{o}/fid.json"],
             py + ["evaluate_ldm.py", "--vae", vae, "--reference_dataset", "shapes", "--shapes_seed",
-                  str(HELD_OUT_SEED), "--num_images", str(p["fid"]), "--metrics", "rfid,psnr,ssim",
+                  str(HELD_OUT_SEED), "--num_images", str(p["fid"]), "--metrics", "rfid",
                   "--inception_weights", f"{o}/inception_random.pth", "--json", f"{o}/rfid.json"]],
               ["fid.json", "rfid.json"], clean=["inception_random.pth"], after=["diffusion"]),
     ]
