@@ -27,7 +27,7 @@ $(CHROMIUM):
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 test: $(STAMP) $(CHROMIUM)
-	$(OFFLINE) $(PY) -m pytest -q tests
+	$(OFFLINE) $(PY) -m pytest -q --durations=15 tests
 
 # Re-running reuses the stages that finished with the same inputs and config; FORCE=1 starts over.
 demo: $(STAMP)

@@ -45,7 +45,8 @@ from modules.image_datasets import DATASET_NAMES, ToUint8Tensor, build_dataset, 
 from modules.image_metrics import psnr, ssim
 from modules.ldm_io import KARRAS_SAMPLERS, SAMPLERS, inference_device
 from modules.paths import check_writable_file
-from modules.scores import DEFAULT_CLIP_MODEL, InceptionScores, load_clip_scorer
+from modules.scores import (DEFAULT_CLIP_MODEL, InceptionScores, file_sha256, load_clip_scorer,
+                            load_reference_features, save_reference_features)
 
 logger = logging.getLogger("ldm")
 IMAGE_RANGE = 2.0  # [-1, 1]
@@ -80,6 +81,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              f"{','.join(VAE_METRICS)} (--vae; lpips only with --lpips)")
     scores.add_argument("--inception_weights", default=None,
                         help="torch-fidelity Inception-v3 weights (default: the torch hub cache, downloaded once)")
+    scores.add_argument("--reference_features", default=None,
+                        help="a cache of the reference images' Inception features: read when it was made for the "
+                             "same reference and weights, else (re)written; one file serves --ldm and --vae runs")
     scores.add_argument("--kid_subset_size", type=positive_int, default=1000)
     scores.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help="hub name or local CLIPModel folder")
     scores.add_argument("--hf_cache_dir", default=None)
@@ -160,9 +164,26 @@ def _device(args: argparse.Namespace) -> torch.device:
 # Scores
 # ----------------------------------------------------------------------------------------
 
-def add_real(scores: InceptionScores, real: Sequence[dict], batch_size: int) -> InceptionScores:
-    for chunk in batches(real, batch_size):
+def add_real(scores: InceptionScores, real: Sequence[dict], args: argparse.Namespace) -> InceptionScores:
+    """The reference images into ``scores``: from ``--reference_features`` when it holds them, else
+    through Inception (and then into that file)."""
+    cache, key = args.reference_features, None
+    if cache is not None:
+        shape = tuple(real[0]["image"].shape)
+        key = {"inception_sha256": file_sha256(scores.weights), "dataset": args.reference_dataset,
+               "path": str(Path(args.path_to_reference).resolve()) if args.path_to_reference else None,
+               "split": args.reference_split, "images": len(real), "image_shape": list(shape),
+               "shapes_seed": args.shapes_seed if args.path_to_reference is None else None}
+        features = load_reference_features(cache, key)
+        if features is not None:
+            scores.add_real_features(features)
+            logger.info("reference features of %d images read from %s", len(real), cache)
+            return scores
+    for chunk in batches(real, args.batch_size):
         scores.update(torch.stack([s["image"] for s in chunk]), real=True)
+    if cache is not None:
+        save_reference_features(cache, key, torch.cat(scores.real_features))
+        logger.info("wrote the reference features of %d images to %s", len(real), cache)
     return scores
 
 
@@ -215,7 +236,7 @@ def generated_scores(args: argparse.Namespace) -> Dict[str, object]:
                                 "num_inference_steps": args.num_inference_steps, "guidance_scale": guidance,
                                 "seconds_per_image": (time.perf_counter() - started) / len(real)}
     if inception is not None:
-        add_real(inception, real, args.batch_size)
+        add_real(inception, real, args)
         for chunk in batches(fake, args.batch_size):
             inception.update(chunk, real=False)
         numbers = inception.compute()
@@ -262,7 +283,7 @@ def vae_scores(args: argparse.Namespace) -> Dict[str, object]:
     inception = None
     if "rfid" in args.metrics:
         inception = add_real(InceptionScores(args.inception_weights, kid_subset_size=args.kid_subset_size,
-                                             device=device), real, args.batch_size)
+                                             device=device), real, args)
     per_image: Dict[str, List[torch.Tensor]] = {m: [] for m in ("psnr", "ssim", "lpips") if m in args.metrics}
     started = time.perf_counter()
     latents: List[torch.Tensor] = []
@@ -319,6 +340,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     setup_logging(True)
     if args.json:
         check_writable_file(args.json, "--json")
+    if args.reference_features:
+        check_writable_file(args.reference_features, "--reference_features")
     for flag in ("ldm", "vae"):
         if getattr(args, flag) is not None and not Path(getattr(args, flag)).exists():
             raise UserError(f"--{flag} {getattr(args, flag)}: file not found")

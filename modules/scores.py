@@ -18,9 +18,11 @@ its scores only compare runs scored with the same file, never published FIDs.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 from urllib.parse import urlparse
 
 import torch
@@ -32,6 +34,8 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
                  "weights-inception-2015-12-05-6726825d.pth")
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 INCEPTION_FEATURES = 2048  # pool3, the FID/KID feature of every paper
+REFERENCE_FEATURES_KIND = "inception-reference-features"  # marks a --reference_features cache file
+logger = logging.getLogger("ldm")
 
 
 def default_inception_path() -> Path:
@@ -78,7 +82,11 @@ def _load_inception(path: Path) -> nn.Module:
 
 class _SharedFeatures(nn.Module):
     """One Inception forward per batch for both FID and KID: the second metric's call with the same
-    tensor object returns the first's features (the reference keeps the tensor alive, so identity is exact)."""
+    tensor object returns the first's features (the reference keeps the tensor alive, so identity is exact).
+
+    A float (B, 2048) tensor is features already (:meth:`InceptionScores.add_real_features`, a cache
+    replayed through the metrics' own ``update``); images are uint8 (B, 3, H, W), so the two never mix.
+    """
 
     def __init__(self, inception: nn.Module) -> None:
         super().__init__()
@@ -87,6 +95,8 @@ class _SharedFeatures(nn.Module):
         self._last: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.is_floating_point() and images.dim() == 2 and images.shape[1] == self.num_features:
+            return images
         if self._last is None or self._last[0] is not images:
             self._last = (images, self.inception(images))
         return self._last[1]
@@ -98,7 +108,9 @@ class InceptionScores:
     ``update(images, real)`` as torchmetrics; :meth:`compute` gives ``{"fid", "kid", "kid_std"}``
     (KID in absolute units; papers often print it x1000). KID's subset size is
     ``min(kid_subset_size, images of the smaller side)``. ``reset_fake()`` keeps the real
-    statistics, so one reference set scores several image sets.
+    statistics, so one reference set scores several image sets. The real images' features are kept
+    (:attr:`real_features`): :func:`save_reference_features` writes them, :meth:`add_real_features`
+    adds saved ones without running Inception again.
     """
 
     def __init__(self, weights: Optional[Union[str, Path]] = None, kid_subset_size: int = 1000,
@@ -115,6 +127,7 @@ class InceptionScores:
                                            reset_real_features=False).to(device)
         self.device = torch.device(device)
         self.counts = {True: 0, False: 0}
+        self.real_features: List[torch.Tensor] = []
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, real: bool) -> None:
@@ -124,6 +137,19 @@ class InceptionScores:
         self.fid.update(images, real=real)
         self.kid.update(images, real=real)
         self.counts[real] += images.shape[0]
+        if real:
+            self.real_features.append(self.features(images).float().cpu())  # the forward just run: no second one
+
+    @torch.no_grad()
+    def add_real_features(self, features: torch.Tensor) -> None:
+        """Add real images by their Inception features (N, 2048), e.g. from :func:`load_reference_features`."""
+        if features.dim() != 2 or features.shape[1] != INCEPTION_FEATURES:
+            raise ValueError(f"expected ({INCEPTION_FEATURES},)-feature rows, got {tuple(features.shape)}")
+        features = features.float().to(self.device)
+        self.fid.update(features, real=True)
+        self.kid.update(features, real=True)
+        self.counts[True] += features.shape[0]
+        self.real_features.append(features.cpu())
 
     def reset_fake(self) -> None:
         self.fid.reset()  # reset_real_features=False: the real statistics stay
@@ -141,6 +167,46 @@ class InceptionScores:
         return {"fid": float(self.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
                 "kid_subset_size": self.kid.subset_size, "real_images": self.counts[True],
                 "fake_images": self.counts[False]}
+
+
+# ----------------------------------------------------------------------------------------
+# A cache of the reference images' features
+# ----------------------------------------------------------------------------------------
+
+def file_sha256(path: Union[str, Path]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_reference_features(path: Union[str, Path], key: Dict[str, object]) -> Optional[torch.Tensor]:
+    """The cached (N, 2048) features at ``path`` when they were made for ``key`` (the Inception weights'
+    digest and the reference images: dataset, folder, split, count, size); None when there is no file
+    or it holds another key (then :func:`save_reference_features` replaces it). UserError when
+    ``path`` is some other file: a cache never overwrites what it did not write."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file: not ours
+        raise UserError(f"--reference_features {path}: not a reference-features file ({str(err).splitlines()[0][:120]}); "
+                        "pass a new path") from None
+    if not isinstance(saved, dict) or saved.get("kind") != REFERENCE_FEATURES_KIND:
+        raise UserError(f"--reference_features {path}: not a reference-features file; pass a new path")
+    if saved.get("key") != key:
+        logger.info("%s was made for other reference images or Inception weights: computing them again", path)
+        return None
+    return saved["features"]
+
+
+def save_reference_features(path: Union[str, Path], key: Dict[str, object], features: torch.Tensor) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"kind": REFERENCE_FEATURES_KIND, "key": key, "features": features.float().cpu()}, path)
+    return path
 
 
 class _ProjectedFeatures(nn.Module):

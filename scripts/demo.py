@@ -141,11 +141,13 @@ def build_stages(out: Path, profile: str) -> List[Stage]:
             py + ["generate_data.py", "inception", f"{o}/inception_random.pth", "--seed", "0"],
             py + ["evaluate_ldm.py", "--ldm", ldm, "--reference_dataset", "shapes", "--shapes_seed",
                   str(HELD_OUT_SEED), "--num_images", str(p["fid"]), "--metrics", "fid,kid", "--inception_weights",
-                  f"{o}/inception_random.pth", "--json", f"{o}/fid.json"],
+                  f"{o}/inception_random.pth", "--reference_features", f"{o}/reference_features.pt",
+                  "--json", f"{o}/fid.json"],
             py + ["evaluate_ldm.py", "--vae", vae, "--reference_dataset", "shapes", "--shapes_seed",
                   str(HELD_OUT_SEED), "--num_images", str(p["fid"]), "--metrics", "rfid",
-                  "--inception_weights", f"{o}/inception_random.pth", "--json", f"{o}/rfid.json"]],
-              ["fid.json", "rfid.json"], clean=["inception_random.pth"], after=["diffusion"]),
+                  "--inception_weights", f"{o}/inception_random.pth", "--reference_features", f"{o}/reference_features.pt",
+                  "--json", f"{o}/rfid.json"]],  # the held-out shapes' Inception features once, for both
+              ["fid.json", "rfid.json"], clean=["inception_random.pth", "reference_features.pt"], after=["diffusion"]),
     ]
 
 

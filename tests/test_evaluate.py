@@ -24,6 +24,7 @@ import inference_ldm
 from conftest import OFFLINE_ENV, REPO_ROOT
 from modules.autoencoder import VAEConfig, build_autoencoder
 from modules.cli import run_main
+from modules.errors import UserError
 from modules.image_metrics import psnr
 from modules.scores import InceptionScores, write_random_inception
 from modules.vae_io import save_vae_export
@@ -127,6 +128,41 @@ def test_vae_scores_are_the_reconstructions_psnr_ssim_and_rfid(assets, tmp_path)
         recon = vae.decode(vae.encode(images).mode()).clamp(-1, 1)
     assert result["psnr"] == pytest.approx(psnr(images, recon, 2.0).mean().item(), rel=1e-5)
     assert result["rfid"] > 0 and -1 < result["ssim"] < 1
+
+
+def test_reference_features_cache_serves_the_vae_and_ldm_runs_and_gives_the_same_scores(assets, tmp_path, monkeypatch):
+    cache = tmp_path / "ref.pt"
+    vae_argv = ["--vae", str(assets["vae"]), *_common(assets), "--metrics", "rfid"]
+    fresh = evaluate_ldm.main(vae_argv)
+    first = evaluate_ldm.main([*vae_argv, "--reference_features", str(cache)])
+    saved = torch.load(cache, weights_only=True)
+    assert saved["features"].shape == (N, 2048) and saved["key"]["images"] == N
+    assert np.allclose(saved["features"].numpy(), _features(assets["inception"], torch.stack(
+        [s["image"] for s in evaluate_ldm.reference_images(evaluate_ldm.parse_args(vae_argv), IMG)])), atol=1e-4)
+    # Read back, Inception sees only the N reconstructions (not the N references) and the scores are the same.
+    calls = []
+    original = InceptionScores.update
+    monkeypatch.setattr(InceptionScores, "update", lambda self, images, real: (calls.append(real), original(self, images, real)))
+    again = evaluate_ldm.main([*vae_argv, "--reference_features", str(cache)])
+    assert True not in calls and len(calls) > 0
+    for result in (first, again):
+        assert result["rfid"] == pytest.approx(fresh["rfid"], rel=1e-6)
+        assert result["rkid"] == pytest.approx(fresh["rkid"], rel=1e-6, abs=1e-9)
+    # The LDM run on the same reference reads the same file.
+    calls.clear()
+    evaluate_ldm.main(["--ldm", str(assets["ldm"]), *_common(assets), "--metrics", "fid", "--sampler", "ddim",
+                       "--num_inference_steps", "2", "--reference_features", str(cache)])
+    assert True not in calls
+    # Another reference (other shapes seed): computed again and the file replaced.
+    calls.clear()
+    evaluate_ldm.main([*vae_argv, "--shapes_seed", "7", "--reference_features", str(cache)])
+    assert calls.count(True) > 0 and torch.load(cache, weights_only=True)["key"]["shapes_seed"] == 7
+    # A file the cache did not write is never overwritten.
+    foreign = tmp_path / "notes.pt"
+    foreign.write_text("mine")
+    with pytest.raises(UserError, match="notes.pt: not a reference-features file"):
+        evaluate_ldm.main([*vae_argv, "--reference_features", str(foreign)])
+    assert foreign.read_text() == "mine"
 
 
 def _run(*argv, env_extra=None) -> subprocess.CompletedProcess:
