@@ -26,6 +26,9 @@ runs: their FIDs compare runs scored with the same file, not published numbers.
     python evaluate_ldm.py --vae work_dir/vae/model.safetensors --reference_dataset celebahq \\
       --path_to_reference data/celebahq --reference_split val --lpips vgg
 
+``--reference_features FILE`` caches the reference images' Inception features (keyed by the
+weights' digest and the reference), so one reference set scores several models at the cost of one.
+
 Prints a table; ``--json`` writes the numbers (and the settings that produced them).
 """
 from __future__ import annotations
