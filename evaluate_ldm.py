@@ -48,8 +48,9 @@ from modules.image_datasets import DATASET_NAMES, ToUint8Tensor, build_dataset, 
 from modules.image_metrics import psnr, ssim
 from modules.ldm_io import KARRAS_SAMPLERS, SAMPLERS, inference_device
 from modules.paths import check_writable_file
-from modules.scores import (DEFAULT_CLIP_MODEL, InceptionScores, file_sha256, load_clip_scorer,
-                            load_reference_features, save_reference_features)
+from modules.generation_record import file_sha256
+from modules.scores import (DEFAULT_CLIP_MODEL, InceptionScores, load_clip_scorer, load_reference_features,
+                            save_reference_features)
 
 logger = logging.getLogger("ldm")
 IMAGE_RANGE = 2.0  # [-1, 1]
@@ -185,7 +186,7 @@ def add_real(scores: InceptionScores, real: Sequence[dict], args: argparse.Names
     for chunk in batches(real, args.batch_size):
         scores.update(torch.stack([s["image"] for s in chunk]), real=True)
     if cache is not None:
-        save_reference_features(cache, key, torch.cat(scores.real_features))
+        save_reference_features(cache, key, scores.real_features())
         logger.info("wrote the reference features of %d images to %s", len(real), cache)
     return scores
 

@@ -18,11 +18,10 @@ its scores only compare runs scored with the same file, never published FIDs.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 from urllib.parse import urlparse
 
 import torch
@@ -108,9 +107,9 @@ class InceptionScores:
     ``update(images, real)`` as torchmetrics; :meth:`compute` gives ``{"fid", "kid", "kid_std"}``
     (KID in absolute units; papers often print it x1000). KID's subset size is
     ``min(kid_subset_size, images of the smaller side)``. ``reset_fake()`` keeps the real
-    statistics, so one reference set scores several image sets. The real images' features are kept
-    (:attr:`real_features`): :func:`save_reference_features` writes them, :meth:`add_real_features`
-    adds saved ones without running Inception again.
+    statistics, so one reference set scores several image sets. :meth:`real_features` gives the real
+    images' features (KID keeps them anyway) for :func:`save_reference_features`;
+    :meth:`add_real_features` adds saved ones without running Inception again.
     """
 
     def __init__(self, weights: Optional[Union[str, Path]] = None, kid_subset_size: int = 1000,
@@ -127,29 +126,29 @@ class InceptionScores:
                                            reset_real_features=False).to(device)
         self.device = torch.device(device)
         self.counts = {True: 0, False: 0}
-        self.real_features: List[torch.Tensor] = []
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, real: bool) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 (B, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
-        images = images.to(self.device)
-        self.fid.update(images, real=real)
-        self.kid.update(images, real=real)
-        self.counts[real] += images.shape[0]
-        if real:
-            self.real_features.append(self.features(images).float().cpu())  # the forward just run: no second one
+        self._add(images.to(self.device), real)
 
     @torch.no_grad()
     def add_real_features(self, features: torch.Tensor) -> None:
         """Add real images by their Inception features (N, 2048), e.g. from :func:`load_reference_features`."""
         if features.dim() != 2 or features.shape[1] != INCEPTION_FEATURES:
             raise ValueError(f"expected ({INCEPTION_FEATURES},)-feature rows, got {tuple(features.shape)}")
-        features = features.float().to(self.device)
-        self.fid.update(features, real=True)
-        self.kid.update(features, real=True)
-        self.counts[True] += features.shape[0]
-        self.real_features.append(features.cpu())
+        self._add(features.float().to(self.device), True)
+
+    def _add(self, batch: torch.Tensor, real: bool) -> None:
+        """uint8 images or float features (:class:`_SharedFeatures` tells them apart) into both metrics."""
+        self.fid.update(batch, real=real)
+        self.kid.update(batch, real=real)
+        self.counts[real] += batch.shape[0]
+
+    def real_features(self) -> torch.Tensor:
+        """The real images' Inception features so far (N, 2048), float32 on the CPU: KID's own state."""
+        return torch.cat(list(self.kid.real_features)).float().cpu()
 
     def reset_fake(self) -> None:
         self.fid.reset()  # reset_real_features=False: the real statistics stay
@@ -172,14 +171,6 @@ class InceptionScores:
 # ----------------------------------------------------------------------------------------
 # A cache of the reference images' features
 # ----------------------------------------------------------------------------------------
-
-def file_sha256(path: Union[str, Path]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def load_reference_features(path: Union[str, Path], key: Dict[str, object]) -> Optional[torch.Tensor]:
     """The cached (N, 2048) features at ``path`` when they were made for ``key`` (the Inception weights'
