@@ -263,15 +263,18 @@ def test_a_prompts_file_gives_a_grid_per_prompt_and_batches_do_not_change_the_im
         [f"001-a_green_square_on_a_red_background-seed{s}.png" for s in (5, 6, 7)] + \
         ["001-a_green_square_on_a_red_background-grid.png"]
     assert [p.name for p in four] == names
+    # Same seeds, same images whatever the batch: up to a few uint8 levels, since a CPU's kernels may
+    # sum in another order for another batch size (seen on 2026-12-04's machine); other seeds differ wholly.
+    near = lambda x, y: (_pixels(x).int() - _pixels(y).int()).abs().max().item() <= 4
     for a, b in zip(one, four):
-        assert torch.equal(_pixels(a), _pixels(b)), a.name
+        assert near(a, b), a.name
     with Image.open(one[3]) as grid:
         assert grid.size == (2 * IMG + 6, 2 * IMG + 6)
-    assert not torch.equal(_pixels(one[0]), _pixels(one[1]))  # other seeds, other images
+    assert not near(one[0], one[1])  # other seeds, other images
     alone = inference_ldm.main(["--path_to_weights", str(exports["text"]), "--prompt", "a green square on a red background",
                                 "--num_inference_steps", "3", "--seed", "6", "--sampler", "ddpm", "--output",
                                 str(tmp_path / "alone")])
-    assert torch.equal(_pixels(alone[0]), _pixels(one[5]))
+    assert near(alone[0], one[5])
 
 
 def test_fast_samplers_from_the_command_line_record_their_web_ui_names(exports, tmp_path):
