@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from modules.accelerator import MIXED_PRECISION_CHOICES, build_accelerator, seed_per_process, uses_cpu
+from modules.accelerator import HALF_PRECISION, MIXED_PRECISION_CHOICES, build_accelerator, seed_per_process
 from modules.bapps import JNDDataset, TwoAFCDataset, available_categories
 from modules.checkpoints import CheckpointManager, write_resolved_config
 from modules.cli import add_common_training_args, positive_int, run_main
@@ -55,8 +55,6 @@ from modules.performance import compile_modules
 from modules.optim import build_adam, build_lr_scheduler
 
 logger = logging.getLogger("ldm")
-# The value of a bare --mixed_precision (resolved to bf16 or fp16 right after parsing).
-ASKED_FOR_MIXED_PRECISION = "asked"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -90,10 +88,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     train.add_argument("--decay_epochs", type=int, default=5, help="epochs of linear decay to 0 afterwards")
     train.add_argument("--initial_lr", type=float, default=1e-4)
     train.add_argument("--logging_steps", type=positive_int, default=100, help="log gathered means every N steps")
-    train.add_argument("--mixed_precision", nargs="?", const=ASKED_FOR_MIXED_PRECISION, default="auto",
+    train.add_argument("--mixed_precision", nargs="?", const=HALF_PRECISION, default="auto",
                        metavar="{no,fp16,bf16,auto}",
                        help="autocast (default auto: bf16 on GPUs that have it, fp16 on older GPUs, none on a CPU); "
-                            "the bare flag (the tutorial's) asks for it on any device: bf16, or fp16 on GPUs without bf16")
+                            "the bare flag (the tutorial's) asks for the device's 16-bit type: bf16, fp16 on GPUs without bf16, "
+                            "float32 on a CPU without bf16 kernels (no AVX512: bf16 there is many times slower)")
     train.add_argument("--compile", action="store_true",
                        help="torch.compile the metric (needs a C++ compiler on a CPU, Triton on a GPU)")
     train.add_argument("--max_consecutive_nonfinite", type=positive_int, default=10, metavar="N",
@@ -113,11 +112,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"argument --peak_tflops: must be > 0, got {args.peak_tflops}")
     if args.initial_lr <= 0:
         parser.error(f"--initial_lr must be > 0, got {args.initial_lr}")
-    if args.mixed_precision not in MIXED_PRECISION_CHOICES + (ASKED_FOR_MIXED_PRECISION,):
+    if args.mixed_precision not in MIXED_PRECISION_CHOICES + (HALF_PRECISION,):
         parser.error(f"argument --mixed_precision: invalid choice: {args.mixed_precision!r} "
                      f"(choose from {', '.join(MIXED_PRECISION_CHOICES)})")
-    if args.mixed_precision == ASKED_FOR_MIXED_PRECISION:
-        args.mixed_precision = "bf16" if uses_cpu() or torch.cuda.is_bf16_supported() else "fp16"
     if args.checkpoints_total_limit < 0:
         parser.error(f"--checkpoints_total_limit must be >= 0 (0 keeps all), got {args.checkpoints_total_limit}")
     return args
@@ -285,6 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
 
     # -- accelerator ------------------------------------------------------------------
     accelerator = build_accelerator(args.mixed_precision, 1, args.seed, bool(args.log_wandb), run_dir)
+    args.mixed_precision = accelerator.mixed_precision  # what ran (the bare flag's "half" resolved), for config.yaml
 
     # -- data (validated before any model is built: bad trees fail fast) ----------------
     root = Path(args.path_to_root)

@@ -22,8 +22,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+import yaml
 
 from conftest import OFFLINE_ENV, REPO_ROOT
+from modules.accelerator import cpu_has_bf16_kernels
 from modules.bapps import TWOAFC_CATEGORIES, TwoAFCDataset, write_synthetic_bapps
 from modules.lpips import LPIPS, load_lpips_export, two_afc_score
 from modules.loop import SPEED_KEYS
@@ -168,7 +170,13 @@ def test_tutorial_command_writes_checkpoint_and_table(tutorial_run, vgg_torch_ho
     # the default --checkpoints_total_limit 3 keeps the newest three.
     assert "training vgg LPIPS on 30 triplets: 15 epochs x 1 steps, 1 process(es)" in result.stderr
     assert checkpoint_steps(run_dir) == [13, 14, 15]
-    assert "mixed precision bf16" in result.stderr  # --mixed_precision on a CPU: bf16 autocast
+    # --mixed_precision on a CPU: bf16 autocast where oneDNN has bf16 kernels, float32 (said so) where not
+    if cpu_has_bf16_kernels():
+        assert "mixed precision bf16 (fp32 weights, bf16 autocast) (asked: half)" in result.stderr
+    else:
+        assert "mixed precision no (asked: half)" in result.stderr
+        assert "mixed precision half on a CPU without bf16 kernels" in result.stderr
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["mixed_precision"] == ("bf16" if cpu_has_bf16_kernels() else "no")
     for name in ("config.yaml", "metrics.jsonl", "loss_curve.png", "eval_results.json"):
         assert (run_dir / name).is_file(), name
 
@@ -331,7 +339,8 @@ RANK_PROBE = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     import torch
     import stage0_lpips_trainer as trainer
-    from modules.bapps import TwoAFCDataset
+    from modules.accelerator import cpu_has_bf16_kernels
+from modules.bapps import TwoAFCDataset
 
     out, argv = sys.argv[1], sys.argv[2:]
     loaded, objectives = [], []

@@ -1,11 +1,15 @@
 """Shared training plumbing: the loop (accumulation, skipped steps, epochs reaching workers, exact
 resume), checkpoints (atomic, rotated), export, LR, EMA, metrics (wandb resume)."""
 import json
+import logging
+from pathlib import Path
 
 import pytest
 import torch
 
-from modules.accelerator import build_accelerator, gather_mean, resolve_mixed_precision
+import modules.accelerator as accelerator_module
+from modules.accelerator import (HALF_PRECISION, build_accelerator, cpu_has_bf16_kernels, gather_mean,
+                                 resolve_mixed_precision)
 from modules.checkpoints import CheckpointManager
 from modules.data_loading import EpochSampler, EpochSeeded, build_dataloader
 from modules.ema import EMA
@@ -273,14 +277,48 @@ def test_ema_follows_its_formula():
     assert no_warmup.current_decay() == 0.5
 
 
-def test_mixed_precision_auto_is_float32_on_cpu_and_fp16_becomes_bf16():
-    assert resolve_mixed_precision("no", cpu=True) == "no"
-    assert resolve_mixed_precision(False, cpu=True) == "no"
-    assert resolve_mixed_precision("fp16", cpu=True) == "bf16"
-    assert resolve_mixed_precision("bf16", cpu=True) == "bf16"
-    assert resolve_mixed_precision("auto", cpu=True) == "no"
+@pytest.mark.parametrize("bf16_kernels", [True, False])
+def test_mixed_precision_on_a_cpu_follows_the_bf16_kernels_the_cpu_has(monkeypatch, bf16_kernels):
+    """auto is float32 on a CPU; fp16 and the bare flag's "half" are bf16 where the CPU has it in
+    oneDNN has kernels for it and float32 (said so) where it would fall back to reference code; an explicit bf16 is kept, with a warning."""
+    monkeypatch.setattr(accelerator_module, "cpu_has_bf16_kernels", lambda: bf16_kernels)
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("ldm").addHandler(handler)
+    try:
+        assert resolve_mixed_precision("no", cpu=True) == "no"
+        assert resolve_mixed_precision(False, cpu=True) == "no"
+        assert resolve_mixed_precision("auto", cpu=True) == "no"
+        assert said == []
+        half = "bf16" if bf16_kernels else "no"
+        assert resolve_mixed_precision("fp16", cpu=True) == half
+        assert resolve_mixed_precision(HALF_PRECISION, cpu=True) == half
+        assert resolve_mixed_precision("bf16", cpu=True) == "bf16"
+    finally:
+        logging.getLogger("ldm").removeHandler(handler)
+    if bf16_kernels:
+        assert said == ["mixed precision fp16 on a CPU: running bf16 autocast instead (fp16 autocast needs a GPU)"]
+    else:
+        assert [s.split(":")[0] for s in said] == ["mixed precision fp16 on a CPU without bf16 kernels (oneDNN needs AVX512 for them)",
+                                                   "mixed precision half on a CPU without bf16 kernels (oneDNN needs AVX512 for them)",
+                                                   "mixed precision bf16 on a CPU without bf16 kernels (oneDNN needs AVX512 for them)"]
+        assert "running float32" in said[0] and "running float32" in said[1] and "reference code" in said[2]
     with pytest.raises(UserError, match="mixed_precision must be one of"):
         resolve_mixed_precision("fp8x", cpu=True)
+
+
+def test_bf16_kernels_is_what_the_linux_cpu_flags_say():
+    """oneDNN's answer against the kernel's list of the CPU's instruction sets: on x86, bf16
+    kernels need AVX512 (F, BW, VL, DQ: "avx512_core") or AVX-VNNI with AVX-NE-CONVERT; on ARM, BF16."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.fail("this check reads /proc/cpuinfo (Linux)")
+    lines = cpuinfo.read_text().splitlines()
+    flags = set(next(line for line in lines if line.split(":")[0].strip() in ("flags", "Features")).split(":")[1].split())
+    expected = ({"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags or {"avx_vnni", "avx_ne_convert"} <= flags
+                or "bf16" in flags)
+    assert cpu_has_bf16_kernels() == expected
 
 
 def test_metrics_logger_writes_jsonl_truncates_on_resume_and_plots(tmp_path):
