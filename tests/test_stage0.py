@@ -339,8 +339,7 @@ RANK_PROBE = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     import torch
     import stage0_lpips_trainer as trainer
-    from modules.accelerator import cpu_has_bf16_kernels
-from modules.bapps import TwoAFCDataset
+    from modules.bapps import TwoAFCDataset
 
     out, argv = sys.argv[1], sys.argv[2:]
     loaded, objectives = [], []
