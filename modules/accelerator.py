@@ -52,8 +52,8 @@ def resolve_mixed_precision(requested: Union[str, bool], cpu: bool) -> str:
     runs bf16 autocast (CPU autocast has no fp16), and says so. ``half`` and ``fp16`` on a CPU
     without bf16 kernels run float32, with a warning: bf16 falls back to reference code there,
     tens of times slower, the opposite of what was asked for. An explicit ``bf16`` is kept on
-    any CPU (it may be wanted for its numerics), with a warning. YAML 1.1 reads a bare ``no`` as false: false
-    means ``no``.
+    any CPU (it may be wanted for its numerics), with a warning. YAML 1.1 reads a bare ``no`` as
+    false: false means ``no``.
     """
     if requested is False:
         requested = "no"

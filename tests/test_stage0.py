@@ -171,12 +171,13 @@ def test_tutorial_command_writes_checkpoint_and_table(tutorial_run, vgg_torch_ho
     assert "training vgg LPIPS on 30 triplets: 15 epochs x 1 steps, 1 process(es)" in result.stderr
     assert checkpoint_steps(run_dir) == [13, 14, 15]
     # --mixed_precision on a CPU: bf16 autocast where oneDNN has bf16 kernels, float32 (said so) where not
-    if cpu_has_bf16_kernels():
+    ran = "bf16" if cpu_has_bf16_kernels() else "no"
+    if ran == "bf16":
         assert "mixed precision bf16 (fp32 weights, bf16 autocast) (asked: half)" in result.stderr
     else:
         assert "mixed precision no (asked: half)" in result.stderr
         assert "mixed precision half on a CPU without bf16 kernels" in result.stderr
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["mixed_precision"] == ("bf16" if cpu_has_bf16_kernels() else "no")
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["mixed_precision"] == ran
     for name in ("config.yaml", "metrics.jsonl", "loss_curve.png", "eval_results.json"):
         assert (run_dir / name).is_file(), name
 

@@ -279,8 +279,8 @@ def test_ema_follows_its_formula():
 
 @pytest.mark.parametrize("bf16_kernels", [True, False])
 def test_mixed_precision_on_a_cpu_follows_the_bf16_kernels_the_cpu_has(monkeypatch, bf16_kernels):
-    """auto is float32 on a CPU; fp16 and the bare flag's "half" are bf16 where the CPU has it in
-    oneDNN has kernels for it and float32 (said so) where it would fall back to reference code; an explicit bf16 is kept, with a warning."""
+    """auto is float32 on a CPU; fp16 and the bare flag's "half" are bf16 where oneDNN has bf16
+    kernels for the CPU and float32 (said so) where not; an explicit bf16 is kept, with a warning."""
     monkeypatch.setattr(accelerator_module, "cpu_has_bf16_kernels", lambda: bf16_kernels)
     said = []
     handler = logging.Handler()
