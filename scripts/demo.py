@@ -48,7 +48,7 @@ HELD_OUT_SEED = 12345  # shapes rendered with it for every score; the training d
 # What each profile changes: sizes and step counts only, never the code path.
 PROFILES: Dict[str, Dict[str, object]] = {
     "full": {"bapps": ["--num_train", "300", "--num_val", "50", "--num_jnd", "50"], "lpips_epochs": ["3", "2"],
-             "shapes": 4000, "stage1": [], "stage2": [], "samples": [], "quality": [], "adherence": 256, "fid": 200,
+             "shapes": 4000, "stage1": [], "stage2": [], "samples": [], "quality": [], "adherence": 256, "fid": 100,
              "psnr": 512},
     "tiny": {"bapps": ["--num_train", "10", "--num_val", "5", "--num_jnd", "5"], "lpips_epochs": ["1", "0"],
              "shapes": 256,
