@@ -6,7 +6,8 @@ guidance, seed and number of images in; a gallery and the settings used (JSON) o
 is drawn from its own seed, ``seed + i``, so each one is what
 ``inference_ldm.py --seed <seed + i> --num_images 1`` gives with the same settings. The sampler,
 steps and guidance start at what stage 2 used for its sample grids (the export's
-``training_config``), else at the stage-2 config's defaults. Requests are served one at a time.
+``training_config``), else at the built-in defaults (DDIM, 50 steps, guidance 7.5); the sampler's
+spacing, Karras sigmas and eta follow the export for its own sampler. Requests are served one at a time.
 
 Usage (serves http://127.0.0.1:7860 by default; nothing is shared or sent anywhere):
 
@@ -15,7 +16,6 @@ Usage (serves http://127.0.0.1:7860 by default; nothing is shared or sent anywhe
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -33,6 +33,7 @@ from modules.cli import one_line, positive_int, run_main, setup_logging
 from modules.errors import OneLineArgumentParser, UserError
 from modules.export import check_export_kind, read_export_metadata
 from modules.ldm_io import DTYPES, LDM_EXPORT_KIND, LatentDiffusion, inference_device, load_ldm_export
+from modules.sampling_settings import SamplingSettings, resolve_sampling
 
 logger = logging.getLogger("ldm")
 SAMPLERS: Tuple[str, ...] = tuple(ldm_io.SAMPLERS)  # whatever build_sampler accepts
@@ -57,37 +58,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # Defaults of the page, from the export
 # ----------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class Defaults:
-    """Where the page's controls start."""
-
-    sampler: str
-    num_inference_steps: int
-    guidance_scale: float
-
-
-def page_defaults(metadata: Mapping[str, Any]) -> Defaults:
-    """The sampler, steps and guidance stage 2 drew its sample grids with (the export's
-    ``training_config``), each falling back to the stage-2 config's default when not recorded."""
-    recorded = metadata.get("training_config")
-    recorded = recorded if isinstance(recorded, Mapping) else {}
-    fallback = None
-
-    def pick(key: str, kind: type):
-        nonlocal fallback
-        value = recorded.get(key)
-        if isinstance(value, kind) and not isinstance(value, bool):
-            return value
-        if fallback is None:  # the trainer's import is slow; only when the export does not say
-            from stage2_diffusion_trainer import Stage2TrainingArgs
-
-            fallback = {f.name: f.default for f in dataclasses.fields(Stage2TrainingArgs)}
-        return fallback[key]
-
-    sampler = pick("sampler", str)
-    return Defaults(sampler=sampler if sampler in SAMPLERS else SAMPLERS[0],
-                    num_inference_steps=int(pick("num_inference_steps", int)),
-                    guidance_scale=float(pick("guidance_scale", (int, float))))
+def page_defaults(metadata: Mapping[str, Any]) -> SamplingSettings:
+    """Where the page's controls start: the sampler, steps and guidance stage 2 drew its sample
+    grids with (the export's ``training_config``), else the built-in defaults
+    (:mod:`modules.sampling_settings`)."""
+    return resolve_sampling(metadata)[0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -137,10 +112,14 @@ class Studio:
         seeds = [seed + i for i in range(count)]
         negative = negative_prompt or ""
         start = time.perf_counter()
+        # The sampler's spacing / Karras sigmas / eta: the export's for its own sampler, as inference_ldm.py.
+        used, _ = resolve_sampling(self.model.metadata, sampler=sampler, num_inference_steps=steps,
+                                   guidance_scale=float(guidance))
         with self.lock:  # one generation at a time on the one model
             images = self.model.generate(
-                count, prompts=[prompt] * count, negative_prompts=[negative] * count, guidance_scale=float(guidance),
-                sampler=sampler, num_inference_steps=steps,
+                count, prompts=[prompt] * count, negative_prompts=[negative] * count,
+                guidance_scale=used.guidance_scale, sampler=used.sampler, num_inference_steps=used.num_inference_steps,
+                eta=used.eta, timestep_spacing=used.timestep_spacing, karras_sigmas=used.karras,
                 generator=[torch.Generator().manual_seed(s) for s in seeds])  # CPU draws, as inference_ldm.py
         seconds = time.perf_counter() - start
         logger.info("generated %d image(s) for %r with %s, %d steps, guidance %.3g, seeds %s in %.1f s",
@@ -156,7 +135,7 @@ class Studio:
 # The page
 # ----------------------------------------------------------------------------------------
 
-def build_page(studio: Studio, defaults: Defaults):
+def build_page(studio: Studio, defaults: SamplingSettings):
     """The Gradio Blocks of the page; its one event is also the API endpoint ``/generate``."""
     import gradio as gr
 

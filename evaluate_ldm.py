@@ -46,8 +46,9 @@ from modules.cli import positive_int, run_main, setup_logging
 from modules.errors import OneLineArgumentParser, UserError
 from modules.image_datasets import DATASET_NAMES, ToUint8Tensor, build_dataset, images_to_model, model_to_images
 from modules.image_metrics import psnr, ssim
-from modules.ldm_io import KARRAS_SAMPLERS, SAMPLERS, inference_device
+from modules.ldm_io import inference_device
 from modules.paths import check_writable_file
+from modules.sampling_settings import add_sampling_arguments, settings_from_args
 from modules.generation_record import file_sha256
 from modules.scores import (DEFAULT_CLIP_MODEL, InceptionScores, load_clip_scorer, load_reference_features,
                             save_reference_features)
@@ -73,11 +74,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ref.add_argument("--shapes_seed", type=int, default=12345, help="seed of on-the-fly shapes (training uses 0)")
     gen = parser.add_argument_group("generation (--ldm)")
     gen.add_argument("--prompts_file", default=None, help="prompts in turn instead of the reference captions")
-    gen.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
-    gen.add_argument("--karras", action="store_true", help=f"Karras sigmas ({', '.join(KARRAS_SAMPLERS)})")
-    gen.add_argument("--num_inference_steps", type=positive_int, default=20)
-    gen.add_argument("--guidance_scale", type=float, default=None,
-                     help="default: the export's (the one stage 2's sample grids used)")
+    add_sampling_arguments(gen)  # default: inference_ldm.py's for the export (what stage 2's grids used)
     gen.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
     scores = parser.add_argument_group("scores")
     scores.add_argument("--metrics", default=None,
@@ -107,8 +104,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          f"{' (with --vae)' if args.vae else ' (with --ldm / --images)'}")
     if "lpips" in metrics and args.lpips is None:
         parser.error("--metrics lpips needs --lpips (a stage-0 export, or vgg | alex | squeeze)")
-    if args.karras and args.sampler not in KARRAS_SAMPLERS:
-        parser.error(f"--karras works with the samplers {', '.join(KARRAS_SAMPLERS)}, not {args.sampler}")
     args.metrics = metrics
     return args
 
@@ -208,7 +203,6 @@ def generated_scores(args: argparse.Namespace) -> Dict[str, object]:
     else:
         from modules.generation_record import read_prompts
         from modules.ldm_io import load_ldm_export
-        from inference_ldm import resolve_guidance
 
         file_prompts = read_prompts(args.prompts_file, "--prompts_file") if args.prompts_file else None
         model = load_ldm_export(args.ldm, text_encoder_cache_dir=args.hf_cache_dir).to(device)
@@ -217,7 +211,7 @@ def generated_scores(args: argparse.Namespace) -> Dict[str, object]:
         real = reference_images(args, model.img_size)
         if scorer is not None and model.conditioning != "text":
             raise UserError(f"--ldm {args.ldm} is {model.conditioning}-conditional: no prompts, so no clip metric")
-        guidance = resolve_guidance(args.guidance_scale, model)
+        sampling = settings_from_args(args, model.metadata)
         prompts = None
         if model.conditioning == "text":
             if file_prompts is None and "caption" not in real[0]:
@@ -233,11 +227,14 @@ def generated_scores(args: argparse.Namespace) -> Dict[str, object]:
             out.append(model_to_images(model.generate(
                 len(idx), prompts=[prompts[i] for i in idx] if prompts else None,
                 class_labels=[real[i]["label"] for i in idx] if model.conditioning == "class" else None,
-                guidance_scale=guidance, sampler=args.sampler, num_inference_steps=args.num_inference_steps,
-                karras_sigmas=args.karras, generator=[torch.Generator().manual_seed(args.seed + i) for i in idx])))
+                guidance_scale=sampling.guidance_scale, sampler=sampling.sampler,
+                num_inference_steps=sampling.num_inference_steps, eta=sampling.eta,
+                timestep_spacing=sampling.timestep_spacing, karras_sigmas=sampling.karras,
+                generator=[torch.Generator().manual_seed(args.seed + i) for i in idx])))
         fake = torch.cat(out)
-        result["generation"] = {"sampler": args.sampler + (" karras" if args.karras else ""),
-                                "num_inference_steps": args.num_inference_steps, "guidance_scale": guidance,
+        result["generation"] = {"sampler": sampling.sampler + (" karras" if sampling.karras else ""),
+                                "num_inference_steps": sampling.num_inference_steps,
+                                "guidance_scale": sampling.guidance_scale,
                                 "seconds_per_image": (time.perf_counter() - started) / len(real)}
     if inception is not None:
         add_real(inception, real, args)

@@ -2,7 +2,8 @@
 
 Everything is rebuilt from the one file stage 2 writes (``<working_directory>/model.safetensors``):
 the UNet, the VAE, the text encoder, the latent scale and the noise schedule. Sampling is DDIM
-(Song et al. 2021) or DDPM (Ho et al. 2020) with classifier-free guidance (Ho & Salimans 2022):
+(Song et al. 2021), DDPM (Ho et al. 2020), DPM-Solver++ 2M, Euler, Euler ancestral or LMS
+(optionally on Karras sigmas) with classifier-free guidance (Ho & Salimans 2022):
 ``eps = eps(uncond) + w (eps(cond) - eps(uncond))``, where the unconditional branch is the
 negative prompt (default ``""``) for text models and the null class for class models. With
 ``--init_image`` it runs img2img (SDEdit, Meng et al. 2022): the image is encoded, noised to the
@@ -24,8 +25,9 @@ Image i of a prompt is drawn with seed ``--seed`` + i from its own generator, so
 can be made again alone (``--seed S+i --num_images 1``), and ``--batch_size`` (images per UNet
 batch) changes the speed, not the images. Every PNG carries its settings as PNG text, and a
 ``parameters`` text in the form the Stable Diffusion web UIs read (:mod:`modules.generation_record`).
-Without ``--guidance_scale``, the guidance stage 2 drew its sample grids with (recorded in the
-export) is used, and said.
+The sampler, steps and guidance that no flag gives are those stage 2 drew its sample grids with
+(recorded in the export; :mod:`modules.sampling_settings` says how flags and export combine), and
+the log says which.
 """
 from __future__ import annotations
 
@@ -45,10 +47,11 @@ from modules.errors import OneLineArgumentParser, UserError
 from modules.image_datasets import DATASET_NAMES, build_image_transform, images_to_model, model_to_images
 from modules.export import check_export_kind, read_export_metadata
 from modules.generation_record import file_sha256, read_prompts, save_png
-from modules.ldm_io import (DTYPES, KARRAS_SAMPLERS, LDM_EXPORT_KIND, SAMPLERS, LatentDiffusion, build_sampler,
+from modules.ldm_io import (DTYPES, KARRAS_SAMPLERS, LDM_EXPORT_KIND, LatentDiffusion, build_sampler,
                             inference_device, load_ldm_export)
 from modules.model_config import LDMConfig, load_ldm_config
 from modules.paths import check_writable_file, check_writable_folder
+from modules.sampling_settings import add_sampling_arguments, settings_from_args
 from modules.cli import positive_int, setup_logging
 
 logger = logging.getLogger("ldm")
@@ -75,19 +78,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--num_images", type=positive_int, default=1, help="images per prompt (or per class)")
     parser.add_argument("--batch_size", type=positive_int, default=4,
                         help="images per UNet batch (speed and memory only: the images do not depend on it)")
-    parser.add_argument("--guidance_scale", type=float, default=None,
-                        help="classifier-free guidance weight (1 = off; default: the guidance stage 2 drew its "
-                             "sample grids with, from the export, else 7.5)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                        help="ddim, ddpm, dpmpp_2m (DPM-Solver++ 2M: good images in ~20 steps), euler, euler_a "
-                             "(ancestral), lms")
-    parser.add_argument("--karras", action="store_true",
-                        help=f"Karras et al.'s sigma spacing (samplers {', '.join(KARRAS_SAMPLERS)})")
-    parser.add_argument("--num_inference_steps", type=positive_int, default=50)
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0 = deterministic)")
-    parser.add_argument("--timestep_spacing", choices=("leading", "trailing", "linspace"), default=None,
-                        help="how the steps spread over the training schedule (default: the sampler's own, as in "
-                             "diffusers: leading for ddim/ddpm, linspace for the others)")
+    add_sampling_arguments(parser)
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and printed)")
     parser.add_argument("--init_image", default=None, help="img2img: start from this image")
     parser.add_argument("--strength", type=float, default=None,
@@ -104,9 +95,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.strength = 0.8 if args.strength is None else args.strength
     if not 0.0 <= args.strength <= 1.0:
         parser.error(f"--strength must be in [0, 1], got {args.strength}")
-    if args.eta < 0:
+    if args.eta is not None and args.eta < 0:
         parser.error(f"--eta must be >= 0, got {args.eta}")
-    if args.karras and args.sampler not in KARRAS_SAMPLERS:
+    if args.karras and args.sampler is not None and args.sampler not in KARRAS_SAMPLERS:
         parser.error(f"--karras works with the samplers {', '.join(KARRAS_SAMPLERS)}, not {args.sampler}")
     return args
 
@@ -176,23 +167,6 @@ def warn_if_truncated(model: LatentDiffusion, text: str, flag: str) -> None:
     if len(ids) > encoder.max_length:
         logger.warning("%s has %d tokens; the text encoder reads only the first %d (start and end tokens included), "
                        "the rest is dropped", flag, len(ids), encoder.max_length)
-
-
-DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's, for exports that record none
-
-
-def resolve_guidance(given: Optional[float], model: LatentDiffusion) -> float:
-    """``--guidance_scale``, else the guidance of stage 2's sample grids (the export's
-    ``training_config.guidance_scale``), else :data:`DEFAULT_GUIDANCE`; the choice is logged."""
-    if given is not None:
-        return given
-    recorded = (model.metadata.get("training_config") or {}).get("guidance_scale")
-    if isinstance(recorded, (int, float)) and not isinstance(recorded, bool):
-        logger.info("guidance %.3g: the export's (stage 2 drew its sample grids with it); --guidance_scale overrides",
-                    recorded)
-        return float(recorded)
-    logger.info("guidance %.3g (the export records none; --guidance_scale sets it)", DEFAULT_GUIDANCE)
-    return DEFAULT_GUIDANCE
 
 
 def slugify(text: str) -> str:
@@ -280,16 +254,17 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
 
     # -- conditions and settings ----------------------------------------------------------
     todo = conditions(args, model)
-    guidance = resolve_guidance(args.guidance_scale, model)
+    sampling = settings_from_args(args, model.metadata)
+    guidance = sampling.guidance_scale
     init = load_init_image(args.init_image, model.img_size, 1) if args.init_image else None
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     n = args.num_images
     common = {
-        "negative_prompt": None, "guidance_scale": guidance, "sampler": args.sampler,
-        "num_inference_steps": args.num_inference_steps, "eta": args.eta if args.sampler == "ddim" else None,
-        "timestep_spacing": build_sampler(model.config.diffusion, args.sampler, args.eta, args.timestep_spacing,
-                                          args.karras).timestep_spacing,  # the sampler's own when not given
-        "karras": True if args.karras else None,
+        "negative_prompt": None, "guidance_scale": guidance, "sampler": sampling.sampler,
+        "num_inference_steps": sampling.num_inference_steps, "eta": sampling.eta if sampling.sampler == "ddim" else None,
+        "timestep_spacing": build_sampler(model.config.diffusion, sampling.sampler, sampling.eta,
+                                          sampling.timestep_spacing, sampling.karras).timestep_spacing,
+        "karras": True if sampling.karras else None,
         "size": f"{model.img_size}x{model.img_size}",
         "weights": weights.name, "weights_sha256": file_sha256(weights),
         "init_image": Path(args.init_image).name if init is not None else None,
@@ -297,9 +272,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     }
     # One job per image: (condition index, image index, seed); image i of a condition has seed + i.
     jobs = [(c, i, seed + i) for c in range(len(todo)) for i in range(n)]
-    logger.info("sampling %d image(s) (%d per condition) with %s%s, %d steps, guidance %.3g, seeds %d-%d, "
-                "batches of %d%s", len(jobs), n, args.sampler, " (Karras sigmas)" if args.karras else "",
-                args.num_inference_steps, guidance, seed, seed + n - 1,
+    logger.info("sampling %d image(s) (%d per condition) with %s, seeds %d-%d, batches of %d%s", len(jobs), n,
+                sampling.describe(), seed, seed + n - 1,
                 args.batch_size, f", img2img strength {args.strength}" if init is not None else "")
 
     # -- sample, in batches; every image from its own generator ---------------------------------
@@ -313,8 +287,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
             prompts=[k["prompt"] for k in keywords] if model.conditioning == "text" else None,
             negative_prompts=[k["negative_prompt"] for k in keywords] if model.conditioning == "text" else None,
             class_labels=[k["class_label"] for k in keywords] if model.conditioning == "class" else None,
-            guidance_scale=guidance, sampler=args.sampler, num_inference_steps=args.num_inference_steps,
-            eta=args.eta, timestep_spacing=args.timestep_spacing, karras_sigmas=args.karras, generator=generators,
+            guidance_scale=guidance, sampler=sampling.sampler, num_inference_steps=sampling.num_inference_steps,
+            eta=sampling.eta, timestep_spacing=sampling.timestep_spacing, karras_sigmas=sampling.karras,
+            generator=generators,
             init_images=init.expand(len(batch), -1, -1, -1) if init is not None else None,
             strength=args.strength if init is not None else 1.0)
         for k, image in enumerate(out):

@@ -14,9 +14,9 @@ Two tables, each part optional (give --vae, --ldm or both):
   the mean and std of the scaled latents (the export's factor for ``--dataset``, else its only one)
   of those images: stage 2 expects std 1.
 - **LDM** (a text-conditional stage-2 export trained on shapes): ``--num_samples`` prompts drawn
-  with ``--seed`` from all shapes captions (shape color != background) are sampled (DDIM,
-  ``--num_inference_steps``, classifier-free guidance ``--guidance_scale``, by default the one
-  ``inference_ldm.py`` picks for the export; image i from its own generator, seed + i), and
+  with ``--seed`` from all shapes captions (shape color != background) are sampled (sampler, steps
+  and classifier-free guidance by default those ``inference_ldm.py`` picks for the export, the
+  flags as there; image i from its own generator, seed + i), and
   ``modules.shapes.caption_accuracy`` reads color, shape and background back from the pixels.
   Beside it: chance (a random caption: 1/8 color, 1/3 shape, 1/8 background, 1/168 all) and the
   same reader on the prompts' own images passed through the export's VAE (what a perfect
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modules.cli import run_main  # noqa: E402
 from modules.errors import UserError  # noqa: E402
 from modules.image_datasets import images_to_model  # noqa: E402
-from modules.ldm_io import SAMPLERS  # noqa: E402
+from modules.sampling_settings import add_sampling_arguments, settings_from_args  # noqa: E402
 from modules.shapes import COLOR_NAMES, SHAPE_NAMES, ShapeSpec, caption_accuracy, render_shape  # noqa: E402
 
 ACCURACY_KEYS = ("color", "shape", "background", "all")
@@ -62,18 +62,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ldm = parser.add_argument_group("LDM prompt following")
     ldm.add_argument("--ldm", default=None, help="a text-conditional stage-2 export trained on shapes")
     ldm.add_argument("--num_samples", type=int, default=64, help="prompts (one image each)")
-    ldm.add_argument("--guidance_scale", type=float, default=None,
-                     help="default: inference_ldm.py's for the export (the guidance stage 2's grids used)")
-    ldm.add_argument("--num_inference_steps", type=int, default=50)
-    ldm.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    ldm.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m, euler, euler_a, lms)")
+    add_sampling_arguments(ldm)  # default: inference_ldm.py's for the export (what stage 2's grids used)
     ldm.add_argument("--save_grid", default=None, help="PNG path for a grid of the generated samples")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the sampling noise")
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     if args.vae is None and args.ldm is None:
         parser.error("give --vae, --ldm or both")
-    for name in ("num_images", "num_samples", "batch_size", "num_inference_steps"):
+    for name in ("num_images", "num_samples", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     return args
@@ -135,12 +131,10 @@ def ldm_quality(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     """Caption accuracy of generated samples, of the prompts' images through the VAE, and of chance."""
     from modules.ldm_io import load_ldm_export
 
-    from inference_ldm import resolve_guidance
-
     model = load_ldm_export(args.ldm)
     if model.conditioning != "text":
         raise UserError(f"{args.ldm} is {model.conditioning}-conditional; the prompt benchmark needs a text model")
-    args.guidance_scale = resolve_guidance(args.guidance_scale, model)
+    sampling = settings_from_args(args, model.metadata)
     specs = draw_prompts(args.num_samples, args.seed)
     prompts = [spec.caption for spec in specs]
     started = time.perf_counter()
@@ -148,9 +142,10 @@ def ldm_quality(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
         generators = [torch.Generator().manual_seed(args.seed + i) for i in range(start, start + len(batch))]
-        samples.append(model.generate(len(batch), prompts=batch, guidance_scale=args.guidance_scale,
-                                      sampler=args.sampler, num_inference_steps=args.num_inference_steps,
-                                      karras_sigmas=args.karras, generator=generators))
+        samples.append(model.generate(len(batch), prompts=batch, guidance_scale=sampling.guidance_scale,
+                                      sampler=sampling.sampler, num_inference_steps=sampling.num_inference_steps,
+                                      eta=sampling.eta, timestep_spacing=sampling.timestep_spacing,
+                                      karras_sigmas=sampling.karras, generator=generators))
     images = torch.cat(samples)  # (N, 3, S, S) in [-1, 1]
     seconds = time.perf_counter() - started
     if args.save_grid:
@@ -167,8 +162,8 @@ def ldm_quality(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     decoded = model.decode_latents(model.encode_images(real))
     return {
         "samples": caption_accuracy(list(images), prompts) | {"seconds": seconds, "count": len(prompts)},
-        "settings": {"sampler": args.sampler + (" karras" if args.karras else ""),
-                     "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale},
+        "settings": {"sampler": sampling.sampler + (" karras" if sampling.karras else ""),
+                     "num_inference_steps": sampling.num_inference_steps, "guidance_scale": sampling.guidance_scale},
         "vae_ceiling": caption_accuracy(list(decoded), prompts),
         "chance": chance_accuracy(),
     }
@@ -194,12 +189,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         ldm = ldm_quality(args)
         results["ldm"] = ldm
         rows = [
-            [f"samples (guidance {args.guidance_scale:g})"] + [f"{ldm['samples'][k]:.3f}" for k in ACCURACY_KEYS],
+            [f"samples (guidance {ldm['settings']['guidance_scale']:g})"]
+            + [f"{ldm['samples'][k]:.3f}" for k in ACCURACY_KEYS],
             ["prompt images through the VAE"] + [f"{ldm['vae_ceiling'][k]:.3f}" for k in ACCURACY_KEYS],
             ["chance"] + [f"{ldm['chance'][k]:.3f}" for k in ACCURACY_KEYS],
         ]
-        title = (f"LDM prompt following: {args.num_samples} prompts, {args.sampler}{' Karras' if args.karras else ''} "
-                 f"{args.num_inference_steps} steps ({ldm['samples']['seconds']:.0f} s, "
+        title = (f"LDM prompt following: {args.num_samples} prompts, {ldm['settings']['sampler']} "
+                 f"{ldm['settings']['num_inference_steps']} steps ({ldm['samples']['seconds']:.0f} s, "
                  f"{ldm['samples']['seconds'] / args.num_samples:.3f} s per image), caption read back from the pixels")
         print(table(title, ["", *ACCURACY_KEYS], rows))
     if args.json:

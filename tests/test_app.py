@@ -182,14 +182,18 @@ def test_a_second_request_is_served_by_the_same_process(server, tmp_path):
 
 
 def test_page_defaults_come_from_the_export_else_the_stage2_config():
+    from modules.sampling_settings import SamplingSettings
     from stage2_diffusion_trainer import Stage2TrainingArgs
 
     stored = app.page_defaults({"training_config": {"sampler": "ddpm", "num_inference_steps": 7,
-                                                    "guidance_scale": 2.5}})
-    assert stored == app.Defaults("ddpm", 7, 2.5)
+                                                    "guidance_scale": 2.5, "timestep_spacing": "trailing"}})
+    assert stored == SamplingSettings("ddpm", 7, 2.5, timestep_spacing="trailing")
+    # An export that records nothing: the built-in defaults, which are the stage-2 config's own.
     fallback = Stage2TrainingArgs()
-    assert app.page_defaults({"step": 0}) == app.Defaults(fallback.sampler, fallback.num_inference_steps,
-                                                          fallback.guidance_scale)
+    got = app.page_defaults({"step": 0})
+    assert (got.sampler, got.num_inference_steps, got.guidance_scale, got.eta, got.karras) == (
+        fallback.sampler, fallback.num_inference_steps, fallback.guidance_scale, fallback.ddim_eta,
+        fallback.karras_sigmas)
     assert app.SAMPLERS == tuple(__import__("modules.ldm_io", fromlist=["SAMPLERS"]).SAMPLERS)
 
 

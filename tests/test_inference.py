@@ -221,7 +221,8 @@ def test_every_png_carries_its_settings_and_the_web_ui_parameters(exports, tmp_p
     paths = inference_ldm.main(["--path_to_weights", str(weights), "--prompt", PROMPT, "--negative_prompt", "green",
                                 "--num_inference_steps", "3", "--seed", "11", "--output", str(tmp_path)])
     assert paths == [tmp_path / "a_red_circle_on_a_blue_background-seed11.png"]
-    assert "guidance 4: the export's (stage 2 drew its sample grids with it)" in caplog.text
+    assert ("sampling with ddim, 3 steps, guidance 4: guidance_scale from the export (stage 2 drew its sample grids "
+            "with them; the flags override)") in caplog.text
     got = read_png_settings(paths[0])
     sha = file_sha256(weights)
     assert {k: got[k] for k in ("prompt", "negative_prompt", "seed", "guidance_scale", "sampler", "num_inference_steps",
@@ -234,10 +235,65 @@ def test_every_png_carries_its_settings_and_the_web_ui_parameters(exports, tmp_p
     # --guidance_scale wins over the export's; an export that records none gets 7.5, said.
     other = inference_ldm.main(["--path_to_weights", str(exports["text"]), "--prompt", PROMPT, "--num_inference_steps",
                                 "2", "--seed", "1", "--output", str(tmp_path / "b")])
-    assert read_png_settings(other[0])["guidance_scale"] == "7.5" and "the export records none" in caplog.text
+    assert read_png_settings(other[0])["guidance_scale"] == "7.5"
+    assert "the export records no sampling settings: built-in defaults for what no flag gives" in caplog.text
     third = inference_ldm.main(["--path_to_weights", str(weights), "--prompt", PROMPT, "--num_inference_steps", "2",
                                 "--seed", "1", "--guidance_scale", "2.5", "--output", str(tmp_path / "c")])
     assert read_png_settings(third[0])["guidance_scale"] == "2.5"
+
+
+def test_sampling_settings_flag_by_flag():
+    from modules.sampling_settings import BUILTIN, SamplingSettings, resolve_sampling
+
+    recipe = {"training_config": {"sampler": "euler", "num_inference_steps": 12, "guidance_scale": 3.0,
+                                  "timestep_spacing": "trailing", "karras_sigmas": True, "ddim_eta": 0.5}}
+    assert resolve_sampling(recipe)[0] == SamplingSettings("euler", 12, 3.0, 0.0, "trailing", True)  # eta: DDIM's
+    assert resolve_sampling({"training_config": {**recipe["training_config"], "sampler": "ddim",
+                                                 "karras_sigmas": False}})[0].eta == 0.5
+    # Each given value wins; the export's step count and options stay with its own sampler.
+    assert resolve_sampling(recipe, num_inference_steps=30, karras=False)[0] == SamplingSettings(
+        "euler", 30, 3.0, 0.0, "trailing", False)
+    assert resolve_sampling(recipe, sampler="ddim")[0] == SamplingSettings("ddim", 50, 3.0, 0.0, None, False)
+    assert resolve_sampling(recipe, sampler="euler", guidance_scale=1.0)[0] == SamplingSettings(
+        "euler", 12, 1.0, 0.0, "trailing", True)
+    # Nothing recorded, or nothing valid: the built-in defaults (DDIM, 50, 7.5), and the log says so.
+    settings, source = resolve_sampling({"step": 3})
+    assert settings == BUILTIN == SamplingSettings("ddim", 50, 7.5, 0.0, None, False)
+    assert source.startswith("the export records no sampling settings")
+    junk = {"training_config": {"sampler": "heun", "num_inference_steps": 0, "guidance_scale": True,
+                                "timestep_spacing": "odd", "karras_sigmas": "yes", "ddim_eta": -1}}
+    assert resolve_sampling(junk)[0] == BUILTIN
+    # Karras sigmas recorded for a sampler without them (ddim) are not carried over.
+    assert resolve_sampling({"training_config": {"sampler": "ddim", "karras_sigmas": True}})[0].karras is False
+
+
+def test_without_flags_it_samples_as_stage_2_drew_its_grids(exports, tmp_path, caplog):
+    """An export that records DPM-Solver++ 2M, 3 steps, linspace, Karras sigmas and guidance 2 is
+    sampled so; a different --sampler gets the built-in steps and its own spacing, not the export's."""
+    from modules.generation_record import read_png_settings
+
+    recipe = {"sampler": "dpmpp_2m", "num_inference_steps": 3, "guidance_scale": 2.0, "timestep_spacing": "trailing",
+              "karras_sigmas": True, "ddim_eta": 0.0}
+    weights = tiny_export(exports["root"] / "recipe.safetensors", "text", exports["clip"], training_config=recipe)
+    default = inference_ldm.main(["--path_to_weights", str(weights), "--prompt", PROMPT, "--seed", "3",
+                                  "--output", str(tmp_path / "default")])
+    got = read_png_settings(default[0])
+    assert {k: got.get(k) for k in ("sampler", "num_inference_steps", "guidance_scale", "timestep_spacing", "karras")} == {
+        "sampler": "dpmpp_2m", "num_inference_steps": "3", "guidance_scale": "2.0", "timestep_spacing": "trailing",
+        "karras": "True"}
+    assert ("sampling with dpmpp_2m (Karras sigmas), 3 steps, guidance 2: guidance_scale, sampler, "
+            "num_inference_steps, timestep_spacing, karras from the export") in caplog.text
+    # The same settings given as flags draw the same pixels: the export's recipe, not a look-alike.
+    explicit = inference_ldm.main(["--path_to_weights", str(weights), "--prompt", PROMPT, "--seed", "3",
+                                   "--sampler", "dpmpp_2m", "--num_inference_steps", "3", "--guidance_scale", "2",
+                                   "--timestep_spacing", "trailing", "--karras", "--output", str(tmp_path / "flags")])
+    assert torch.equal(_pixels(default[0]), _pixels(explicit[0]))
+    # Another sampler: the export's steps and spacing belong to DPM++, so DDIM gets 50 and its own spacing.
+    ddim = inference_ldm.main(["--path_to_weights", str(weights), "--prompt", PROMPT, "--seed", "3", "--sampler",
+                               "ddim", "--output", str(tmp_path / "ddim")])
+    got = read_png_settings(ddim[0])
+    assert (got["sampler"], got["num_inference_steps"], got["guidance_scale"], got["timestep_spacing"],
+            got.get("karras")) == ("ddim", "50", "2.0", "leading", None)
 
 
 def _pixels(path: Path) -> torch.Tensor:
