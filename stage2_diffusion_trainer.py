@@ -107,7 +107,7 @@ class Stage2TrainingArgs(SpeedArgs):
     adam_weight_decay: float = 0.01
     adam_epsilon: float = 1e-8
     # YAML 1.1 reads a bare `no` as false: false means "no", true means "auto".
-    mixed_precision: Union[Literal["no", "fp16", "bf16", "auto"], bool] = "auto"
+    mixed_precision: Union[Literal["no", "fp16", "bf16", "auto", "half"], bool] = "auto"
     seed: int = 0
     loss_type: Literal["mse", "l1", "huber"] = "mse"
     huber_c: float = 0.1
@@ -128,6 +128,7 @@ class Stage2TrainingArgs(SpeedArgs):
     latent_cache_dir: Optional[str] = None
     latent_cache_dtype: Literal["auto", "float32", "float16"] = "auto"
     train_text_encoder: bool = False
+    text_encoder_learning_rate: Optional[float] = None  # the trained text encoder's peak LR; None: learning_rate
     hf_cache_dir: Optional[str] = None
     init_unet_from: Optional[str] = None
     checkpoint_iterations: int = 5000
@@ -160,6 +161,8 @@ class Stage2TrainingArgs(SpeedArgs):
             raise ValueError("offset_noise and ddim_eta must be >= 0 and huber_c > 0")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0 or null, got {self.snr_gamma}")
+        if self.text_encoder_learning_rate is not None and self.text_encoder_learning_rate <= 0:
+            raise ValueError(f"text_encoder_learning_rate must be > 0 or null, got {self.text_encoder_learning_rate}")
         if self.img_size is not None and self.img_size < 1:
             raise ValueError(f"img_size must be >= 1 or null, got {self.img_size}")
 
@@ -632,8 +635,12 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
                              ldm.diffusion.beta_start, ldm.diffusion.beta_end).to(device)
 
     # -- optimizer ----------------------------------------------------------------------
-    parameters = [p for module in trained for p in module.parameters() if p.requires_grad]
-    optimizer = build_adamw(parameters, lr=train_cfg.learning_rate, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+    # One AdamW, a parameter group per trained network: the text encoder may take its own learning rate.
+    groups = [{"params": [p for p in module.parameters() if p.requires_grad]} for module in trained]
+    if train_cfg.train_text_encoder and train_cfg.text_encoder_learning_rate is not None:
+        groups[1]["lr"] = train_cfg.text_encoder_learning_rate
+    parameters = [p for group in groups for p in group["params"]]
+    optimizer = build_adamw(groups, lr=train_cfg.learning_rate, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
                             weight_decay=train_cfg.adam_weight_decay, eps=train_cfg.adam_epsilon)
     scheduler = build_lr_scheduler(optimizer, train_cfg.lr_scheduler, train_cfg.lr_warmup_steps,
                                    train_cfg.total_training_iterations)

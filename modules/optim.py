@@ -18,8 +18,9 @@ FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
-def build_adamw(parameters: Iterable[torch.nn.Parameter], **kwargs: Any) -> torch.optim.AdamW:
-    """``torch.optim.AdamW(parameters, **kwargs)`` with torch's fused implementation where it exists.
+def build_adamw(parameters: Iterable[Any], **kwargs: Any) -> torch.optim.AdamW:
+    """``torch.optim.AdamW(parameters, **kwargs)`` with torch's fused implementation where it exists
+    (``parameters``: tensors or parameter groups, as torch takes them).
 
     The update rule is AdamW's either way; the fused kernel updates all parameters at once instead
     of torch's per-parameter Python loop (the CPU default), which is ~20% of a small UNet's CPU
@@ -35,10 +36,12 @@ def build_adam(parameters: Iterable[torch.nn.Parameter], **kwargs: Any) -> torch
     return _fused_where_possible(torch.optim.Adam, parameters, **kwargs)
 
 
-def _fused_where_possible(optimizer_class, parameters: Iterable[torch.nn.Parameter], **kwargs: Any):
+def _fused_where_possible(optimizer_class, parameters: Iterable[Any], **kwargs: Any):
+    """``parameters``: tensors, or parameter groups (dicts with ``params`` and their own options)."""
     parameters = list(parameters)
-    fused = bool(parameters) and all(
-        p.device.type in FUSED_OPTIMIZER_DEVICES and p.is_floating_point() for p in parameters
+    tensors = [p for item in parameters for p in (item["params"] if isinstance(item, dict) else [item])]
+    fused = bool(tensors) and all(
+        p.device.type in FUSED_OPTIMIZER_DEVICES and p.is_floating_point() for p in tensors
     )
     return optimizer_class(parameters, fused=True if fused else None, **kwargs)
 

@@ -633,6 +633,27 @@ def test_cached_captions_train_like_captions_encoded_every_step(assets, tmp_path
     assert loss(cached) == pytest.approx(loss(on_the_fly), rel=1e-4)
 
 
+def test_text_encoder_learning_rate_is_the_text_encoders_own(assets, tmp_path):
+    """One AdamW, a parameter group per network: the text encoder's at text_encoder_learning_rate
+    (scheduled like the UNet's), else at learning_rate. AdamW moves a weight by about its learning
+    rate per step, so the encoder moves ~100x less at 1e-5 than at the UNet's 1e-3."""
+    clip = load_file(str(assets["clip"] / "model.safetensors"))
+    moved = {}
+    for te_lr in ("null", "1e-5"):
+        result = s2.main(inprocess_argv(assets, tmp_path / te_lr, total_training_iterations=4, gradient_accumulation_steps=1,
+                                        train_text_encoder="true", use_ema="false", learning_rate=1e-3,
+                                        text_encoder_learning_rate=te_lr, lr_warmup_steps=2, lr_scheduler="constant",
+                                        adam_weight_decay=0.0, max_grad_norm="null", checkpoint_iterations=4,
+                                        cfg_dropout_prob=0.0))
+        groups = torch.load(result.run_dir / "checkpoint_4" / "optimizer.bin", weights_only=False)["param_groups"]
+        te_params = len(list(getattr(result.text_encoder, "module", result.text_encoder).parameters()))
+        assert [len(g["params"]) for g in groups] == [len(list(result.unet.parameters())), te_params]
+        assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3 if te_lr == "null" else 1e-5])
+        exported = load_file(str(result.export_path))
+        moved[te_lr] = max((exported[f"text_encoder.{k}"] - v).abs().max().item() for k, v in clip.items())
+    assert 0 < moved["1e-5"] < 4e-5 < 1e-4 < moved["null"]
+
+
 def test_trained_text_encoder_is_exported_as_its_ema_with_the_ema_unet(assets, tmp_path):
     result = s2.main(inprocess_argv(assets, tmp_path, total_training_iterations=3, gradient_accumulation_steps=1,
                                     train_text_encoder="true", checkpoint_iterations=100, ema_decay=0.5))
