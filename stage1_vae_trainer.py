@@ -130,7 +130,8 @@ class Stage1TrainingArgs(SpeedArgs, VAELossConfig):
         ImageNet weights of lpips_backbone in the torch hub cache, or a network).
     lpips_backbone: "vgg", "alex" or "squeeze": the package's trunk; a lpips_checkpoint must hold this backbone.
     use_ema / ema_decay: keep an EMA of the autoencoder's weights (used for validation and the export).
-    mixed_precision: "no", "fp16", "bf16" or "auto" (bf16 on GPUs that have it, fp16 on older ones, none on a CPU).
+    mixed_precision: "no", "fp16", "bf16", "auto" (bf16 on GPUs that have it, fp16 on older ones, none on a CPU)
+        or "half" (as auto on a GPU; bf16 on a CPU that oneDNN has bf16 kernels for, else float32).
     log_wandb: log to Weights & Biases (--log_wandb / --no-log_wandb override it).
     num_workers: data-loader workers per process.
     crop / random_resized_crop_scale / random_flip: training augmentation (validation images are
@@ -166,7 +167,7 @@ class Stage1TrainingArgs(SpeedArgs, VAELossConfig):
     use_ema: bool = False
     ema_decay: float = 0.9999
     # YAML 1.1 reads a bare `no` as false: false means "no", true means "auto".
-    mixed_precision: Union[Literal["no", "fp16", "bf16", "auto"], bool] = "auto"
+    mixed_precision: Union[Literal["no", "fp16", "bf16", "auto", "half"], bool] = "auto"
     log_wandb: bool = False
     num_workers: int = 4
     crop: Literal["center", "random_resized"] = "center"
