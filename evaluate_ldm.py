@@ -48,7 +48,7 @@ from modules.image_datasets import DATASET_NAMES, ToUint8Tensor, build_dataset, 
 from modules.image_metrics import psnr, ssim
 from modules.ldm_io import inference_device
 from modules.paths import check_writable_file
-from modules.sampling_settings import add_sampling_arguments, settings_from_args
+from modules.sampling_settings import add_sampling_arguments, check_sampling_arguments, settings_from_args
 from modules.generation_record import file_sha256
 from modules.scores import (DEFAULT_CLIP_MODEL, InceptionScores, load_clip_scorer, load_reference_features,
                             save_reference_features)
@@ -93,6 +93,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
+    check_sampling_arguments(parser, args)
     allowed = VAE_METRICS if args.vae else GENERATED_METRICS
     if args.metrics is None:
         metrics = [m for m in allowed if m != "lpips" or args.lpips is not None]

@@ -47,11 +47,11 @@ from modules.errors import OneLineArgumentParser, UserError
 from modules.image_datasets import DATASET_NAMES, build_image_transform, images_to_model, model_to_images
 from modules.export import check_export_kind, read_export_metadata
 from modules.generation_record import file_sha256, read_prompts, save_png
-from modules.ldm_io import (DTYPES, KARRAS_SAMPLERS, LDM_EXPORT_KIND, LatentDiffusion, build_sampler,
+from modules.ldm_io import (DTYPES, LDM_EXPORT_KIND, LatentDiffusion, build_sampler,
                             inference_device, load_ldm_export)
 from modules.model_config import LDMConfig, load_ldm_config
 from modules.paths import check_writable_file, check_writable_folder
-from modules.sampling_settings import add_sampling_arguments, settings_from_args
+from modules.sampling_settings import add_sampling_arguments, check_sampling_arguments, settings_from_args
 from modules.cli import positive_int, setup_logging
 
 logger = logging.getLogger("ldm")
@@ -95,10 +95,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.strength = 0.8 if args.strength is None else args.strength
     if not 0.0 <= args.strength <= 1.0:
         parser.error(f"--strength must be in [0, 1], got {args.strength}")
-    if args.eta is not None and args.eta < 0:
-        parser.error(f"--eta must be >= 0, got {args.eta}")
-    if args.karras and args.sampler is not None and args.sampler not in KARRAS_SAMPLERS:
-        parser.error(f"--karras works with the samplers {', '.join(KARRAS_SAMPLERS)}, not {args.sampler}")
+    check_sampling_arguments(parser, args)
     return args
 
 
@@ -272,8 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     }
     # One job per image: (condition index, image index, seed); image i of a condition has seed + i.
     jobs = [(c, i, seed + i) for c in range(len(todo)) for i in range(n)]
-    logger.info("sampling %d image(s) (%d per condition) with %s, seeds %d-%d, batches of %d%s", len(jobs), n,
-                sampling.describe(), seed, seed + n - 1,
+    logger.info("sampling %d image(s) (%d per condition), seeds %d-%d, batches of %d%s", len(jobs), n,
+                seed, seed + n - 1,
                 args.batch_size, f", img2img strength {args.strength}" if init is not None else "")
 
     # -- sample, in batches; every image from its own generator ---------------------------------

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modules.cli import run_main  # noqa: E402
 from modules.errors import UserError  # noqa: E402
 from modules.image_datasets import images_to_model  # noqa: E402
-from modules.sampling_settings import add_sampling_arguments, settings_from_args  # noqa: E402
+from modules.sampling_settings import add_sampling_arguments, check_sampling_arguments, settings_from_args  # noqa: E402
 from modules.shapes import COLOR_NAMES, SHAPE_NAMES, ShapeSpec, caption_accuracy, render_shape  # noqa: E402
 
 ACCURACY_KEYS = ("color", "shape", "background", "all")
@@ -67,6 +67,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the sampling noise")
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
+    check_sampling_arguments(parser, args)
     if args.vae is None and args.ldm is None:
         parser.error("give --vae, --ldm or both")
     for name in ("num_images", "num_samples", "batch_size"):

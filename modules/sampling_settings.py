@@ -22,15 +22,14 @@ import logging
 from typing import Any, List, Mapping, Optional, Tuple
 
 from modules.cli import positive_int
+from modules.diffusion import TIMESTEP_SPACINGS
 from modules.errors import UserError
 from modules.ldm_io import KARRAS_SAMPLERS, SAMPLERS
 
-__all__ = ["BUILTIN", "SamplingSettings", "add_sampling_arguments", "recorded_settings", "resolve_sampling",
-           "settings_from_args"]
+__all__ = ["BUILTIN", "SamplingSettings", "add_sampling_arguments", "check_sampling_arguments", "recorded_settings",
+           "resolve_sampling", "settings_from_args"]
 
 logger = logging.getLogger("ldm")
-
-_SPACINGS = ("leading", "trailing", "linspace")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +72,7 @@ def recorded_settings(metadata: Mapping[str, Any]) -> dict:
         found["guidance_scale"] = float(config["guidance_scale"])
     if _number(config.get("ddim_eta")) and config["ddim_eta"] >= 0:
         found["eta"] = float(config["ddim_eta"])
-    if config.get("timestep_spacing") in _SPACINGS:
+    if config.get("timestep_spacing") in TIMESTEP_SPACINGS:
         found["timestep_spacing"] = config["timestep_spacing"]
     if isinstance(config.get("karras_sigmas"), bool):
         found["karras"] = config["karras_sigmas"] and found.get("sampler") in KARRAS_SAMPLERS
@@ -131,10 +130,19 @@ def add_sampling_arguments(group) -> None:
                             "export's for its sampler)")
     group.add_argument("--eta", type=float, default=None,
                        help="DDIM noise scale, 0 = deterministic (default: the export's for ddim, else 0)")
-    group.add_argument("--timestep_spacing", choices=_SPACINGS, default=None,
+    group.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None,
                        help="how the steps spread over the training schedule (default: the export's for its "
                             "sampler, else the sampler's own, as in diffusers: leading for ddim/ddpm, linspace "
                             "for the others)")
+
+
+def check_sampling_arguments(parser, args) -> None:
+    """What the flags of :func:`add_sampling_arguments` can be told wrong before the model loads
+    (``parser.error``: one line, exit 2); :func:`settings_from_args` checks what the export adds."""
+    if args.eta is not None and args.eta < 0:
+        parser.error(f"--eta must be >= 0, got {args.eta}")
+    if args.karras and args.sampler is not None and args.sampler not in KARRAS_SAMPLERS:
+        parser.error(f"--karras works with the samplers {', '.join(KARRAS_SAMPLERS)}, not {args.sampler}")
 
 
 def settings_from_args(args, metadata: Mapping[str, Any]) -> SamplingSettings:
@@ -142,9 +150,7 @@ def settings_from_args(args, metadata: Mapping[str, Any]) -> SamplingSettings:
     settings, source = resolve_sampling(metadata, sampler=args.sampler, num_inference_steps=args.num_inference_steps,
                                         guidance_scale=args.guidance_scale, eta=args.eta,
                                         timestep_spacing=args.timestep_spacing, karras=args.karras)
-    if settings.karras and settings.sampler not in KARRAS_SAMPLERS:
+    if settings.karras and settings.sampler not in KARRAS_SAMPLERS:  # --karras with the export's sampler
         raise UserError(f"--karras works with the samplers {', '.join(KARRAS_SAMPLERS)}, not {settings.sampler}")
-    if settings.eta < 0:
-        raise UserError(f"--eta must be >= 0, got {settings.eta}")
     logger.info("sampling with %s: %s", settings.describe(), source)
     return settings
